@@ -1,0 +1,220 @@
+"""Attention over the sink+window pool for one batched step.
+
+The runner builds a `StepContext` once per step (positions, masks, write targets, all as tensors);
+every layer then calls `ctx.attend(layer, q, k, v)` with *unrotated* q/k. Rows are laid out as the
+decode group first (one token per session), then each prefill chunk.
+
+Decode: the new key is written first (overwriting the evicted ring entry), then the query attends
+over the slot. Prefill: a chunk attends over the slot as it was plus its own causal part, and is
+written afterwards, since later queries of the chunk may still need entries its tokens overwrite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .batch import SeqChunk
+from .kv_pool import KVPool
+from .positions import apply_rope, ring_index, rope_cos_sin
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class PositionalSpec:
+    """How a model family encodes positions; the attention backend applies it, layers never do."""
+
+    kind: str
+    """'rope' or 'alibi'."""
+    scale: float
+    """Softmax scale applied to q.k."""
+    rotary_dim: int = 0
+    """Leading features of each head that RoPE rotates (partial rotary for GPT-NeoX)."""
+    inv_freq: torch.Tensor | None = None
+    """RoPE inverse frequencies [rotary_dim / 2]."""
+    rope_scaling: float = 1.0
+    """Multiplier on cos/sin some RoPE variants use (transformers' attention_scaling)."""
+    alibi_slopes: torch.Tensor | None = None
+    """ALiBi slope per query head [heads]."""
+
+
+@dataclass
+class _Rope:
+    cos_w: torch.Tensor  # [N, rd] stream positions: queries vs window keys, and the new keys
+    sin_w: torch.Tensor
+    cos_s: torch.Tensor  # [N, rd] cache positions: queries vs sink keys
+    sin_s: torch.Tensor
+
+
+@dataclass
+class _Decode:
+    rows: int
+    slots: torch.Tensor  # [B]
+    entries: torch.Tensor  # [B] ring entry each new token is written to
+    view: slice | None  # slots as a contiguous range: attend over a view, no gather
+    bias: torch.Tensor  # [B, kvh|1, g|1, cap] additive mask (+ ALiBi)
+
+
+@dataclass
+class _Prefill:
+    row0: int
+    slot: int
+    cache_bias: torch.Tensor  # [kvh|1, g|1, C, cap]
+    chunk_bias: torch.Tensor  # [kvh|1, g|1, C, C]
+    chunk_is_sink: torch.Tensor  # [C] keys of the chunk that are sinks (scored with the sink query)
+    write_rows: torch.Tensor  # [M] chunk rows that end up in the slot
+    write_entries: torch.Tensor  # [M]
+
+
+class StepContext:
+    """Per-step attention metadata; built from the plan, read by every layer."""
+
+    def __init__(self, pool: KVPool, spec: PositionalSpec, decode: list[SeqChunk], prefill: list[SeqChunk]):
+        self.pool, self.spec = pool, spec
+        cache = pool.cache
+        self.S, self.W, self.cap = cache.sink_tokens, cache.window, cache.capacity
+        dev = pool.device
+        self.kvh = pool.shape.kv_heads
+        positions = [torch.tensor([c.start], dtype=torch.long) for c in decode]
+        positions += [torch.arange(c.start, c.start + len(c.tokens)) for c in prefill]
+        t = torch.cat(positions).to(dev) if positions else torch.zeros(0, dtype=torch.long, device=dev)  # [N]
+        # p: each query's position in the cache (tokens it attends to, itself included, minus one).
+        p_parts: list[torch.Tensor] = []
+        self.decode = self._build_decode(decode, t[: len(decode)], p_parts) if decode else None
+        self.prefill: list[_Prefill] = []
+        row = len(decode)
+        for c in prefill:
+            self.prefill.append(self._build_prefill(c, row, t[row : row + len(c.tokens)], p_parts))
+            row += len(c.tokens)
+        self.rope: _Rope | None = None
+        if spec.kind == "rope":
+            assert spec.inv_freq is not None
+            p = torch.cat(p_parts) if p_parts else t
+            cw, sw = rope_cos_sin(t, spec.inv_freq, spec.rope_scaling, pool.dtype)
+            cs, ss = rope_cos_sin(p, spec.inv_freq, spec.rope_scaling, pool.dtype)
+            self.rope = _Rope(cw, sw, cs, ss)
+
+    # -- metadata -------------------------------------------------------------------------------
+    def _heads_bias(self, dist: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Additive bias [..., kvh|1, g|1, Q, K] from distances and validity [..., Q, K]."""
+        mask = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
+        mask = mask.masked_fill(~valid, NEG_INF)[..., None, None, :, :]
+        if self.spec.kind != "alibi":
+            return mask
+        assert self.spec.alibi_slopes is not None
+        slopes = self.spec.alibi_slopes.to(valid.device).view(self.kvh, -1)  # [kvh, g]
+        return mask - slopes[:, :, None, None] * dist[..., None, None, :, :].to(torch.float32)
+
+    def _build_decode(self, chunks: list[SeqChunk], t: torch.Tensor, p_parts: list[torch.Tensor]) -> _Decode:
+        dev = self.pool.device
+        slots = torch.tensor([c.slot for c in chunks], dtype=torch.long, device=dev)
+        entries = ring_index(t, self.S, self.W)
+        self.pool.write_positions(slots, entries, t)
+        first = chunks[0].slot
+        contiguous = all(c.slot == first + i for i, c in enumerate(chunks))
+        pos = self.pool.pos[slots]  # [B, cap] after the write
+        p = (pos >= 0).sum(-1) - 1  # [B]
+        p_parts.append(p)
+        idx = torch.arange(self.cap, device=dev)
+        dist = torch.where(idx < self.S, p[:, None] - idx, t[:, None] - pos)
+        bias = self._heads_bias(dist[:, None, :], (pos >= 0)[:, None, :])[:, :, :, 0]  # [B, kvh|1, g|1, cap]
+        view = slice(first, first + len(chunks)) if contiguous else None
+        return _Decode(len(chunks), slots, entries, view, bias)
+
+    def _build_prefill(
+        self, c: SeqChunk, row0: int, t: torch.Tensor, p_parts: list[torch.Tensor]
+    ) -> _Prefill:
+        S, W, dev = self.S, self.W, self.pool.device
+        pos = self.pool.pos[c.slot]  # [cap] before the write
+        idx = torch.arange(self.cap, device=dev)
+        tq = t[:, None]
+        valid_c = (pos >= 0) & ((idx < S) | (tq - pos < W))  # [C, cap]
+        tk = t[None, :]  # chunk keys
+        is_sink = t < S
+        valid_n = (tk <= tq) & (is_sink[None, :] | (tq - tk < W))  # [C, C]
+        p = (valid_c.sum(-1) + valid_n.sum(-1) - 1)[:, None]  # [C, 1]
+        p_parts.append(p[:, 0])
+        dist_c = torch.where(idx < S, p - idx, tq - pos)
+        dist_n = torch.where(is_sink[None, :], p - tk, tq - tk)
+        keep = is_sink | (t >= t[-1] + 1 - W)
+        rows = torch.nonzero(keep).flatten()
+        return _Prefill(
+            row0=row0,
+            slot=c.slot,
+            cache_bias=self._heads_bias(dist_c, valid_c),
+            chunk_bias=self._heads_bias(dist_n, valid_n),
+            chunk_is_sink=is_sink,
+            write_rows=rows,
+            write_entries=ring_index(t[rows], S, W),
+        )
+
+    def finish(self, prefill: list[SeqChunk]) -> None:
+        """Record the prefill chunks' entries in the pool once every layer has written its keys."""
+        for meta, c in zip(self.prefill, prefill, strict=True):
+            t = torch.arange(c.start, c.start + len(c.tokens), device=self.pool.device)[meta.write_rows]
+            slots = torch.full_like(t, c.slot)
+            self.pool.write_positions(slots, meta.write_entries, t)
+
+    # -- the attention itself -------------------------------------------------------------------
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [N, H, hd], k/v [N, kvh, hd] (unrotated) -> [N, H, hd]."""
+        q_w = q_s = q
+        if self.rope is not None:
+            r = self.rope
+            q_w, q_s = apply_rope(q, r.cos_w, r.sin_w), apply_rope(q, r.cos_s, r.sin_s)
+            k = apply_rope(k, r.cos_w, r.sin_w)
+        scale = self.spec.scale
+        out = torch.empty_like(q)
+        if self.decode is not None:
+            n = self.decode.rows
+            out[:n] = self._attend_decode(layer, q_w[:n] * scale, q_s[:n] * scale, k[:n], v[:n])
+        for meta in self.prefill:
+            rows = slice(meta.row0, meta.row0 + meta.chunk_is_sink.shape[0])
+            out[rows] = self._attend_prefill(
+                layer, meta, q_w[rows] * scale, q_s[rows] * scale, k[rows], v[rows]
+            )
+        return out
+
+    def _attend_decode(
+        self, layer: int, q_w: torch.Tensor, q_s: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        d, S, pool = self.decode, self.S, self.pool
+        assert d is not None
+        pool.k[layer][d.slots, :, d.entries] = k  # [B, kvh, hd] into [slots, kvh, cap, hd]
+        pool.v[layer][d.slots, :, d.entries] = v
+        K = pool.k[layer, d.view] if d.view is not None else pool.k[layer][d.slots]  # [B, kvh, cap, hd]
+        V = pool.v[layer, d.view] if d.view is not None else pool.v[layer][d.slots]  # [B, kvh, cap, hd]
+        B, H, hd = q_w.shape
+        qw = q_w.view(B, self.kvh, H // self.kvh, hd)  # [B, kvh, g, hd]
+        scores = torch.matmul(qw, K.transpose(-1, -2))  # [B, kvh, g, cap]
+        if S > 0 and self.rope is not None:
+            qs = q_s.view(B, self.kvh, H // self.kvh, hd)
+            scores[..., :S] = torch.matmul(qs, K[:, :, :S].transpose(-1, -2))
+        probs = torch.softmax(scores.float() + d.bias, dim=-1).to(V.dtype)
+        return torch.matmul(probs, V).view(B, H, hd)  # [B, H, hd]
+
+    def _attend_prefill(
+        self, layer: int, m: _Prefill, q_w: torch.Tensor, q_s: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        S, pool, kvh = self.S, self.pool, self.kvh
+        C, H, hd = q_w.shape
+        g = H // kvh
+        Kc, Vc = pool.k[layer, m.slot], pool.v[layer, m.slot]  # [kvh, cap, hd]
+        qw = q_w.view(C, kvh, g, hd).permute(1, 2, 0, 3)  # [kvh, g, C, hd]
+        qs = q_s.view(C, kvh, g, hd).permute(1, 2, 0, 3)
+        kn, vn = k.transpose(0, 1), v.transpose(0, 1)  # [kvh, C, hd]
+        sc_cache = torch.matmul(qw, Kc[:, None].transpose(-1, -2))  # [kvh, g, C, cap]
+        sc_chunk = torch.matmul(qw, kn[:, None].transpose(-1, -2))  # [kvh, g, C, C]
+        if S > 0 and self.rope is not None:
+            sc_cache[..., :S] = torch.matmul(qs, Kc[:, None, :S].transpose(-1, -2))
+            sink_sc = torch.matmul(qs, kn[:, None].transpose(-1, -2))
+            sc_chunk = torch.where(m.chunk_is_sink, sink_sc, sc_chunk)
+        scores = torch.cat((sc_cache.float() + m.cache_bias, sc_chunk.float() + m.chunk_bias), dim=-1)
+        probs = torch.softmax(scores, dim=-1).to(Vc.dtype)  # [kvh, g, C, cap + C]
+        cap = Kc.shape[1]
+        out = torch.matmul(probs[..., :cap], Vc[:, None]) + torch.matmul(probs[..., cap:], vn[:, None])
+        pool.k[layer, m.slot, :, m.write_entries] = kn[:, m.write_rows]
+        pool.v[layer, m.slot, :, m.write_entries] = vn[:, m.write_rows]
+        return out.permute(2, 0, 1, 3).reshape(C, H, hd)  # [C, H, hd]

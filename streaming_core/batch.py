@@ -1,0 +1,39 @@
+"""The frozen batch description the scheduler hands to the runner, and what comes back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    """Tokens of one session to push through the model in this step."""
+
+    slot: int
+    """Pool slot that holds the session's KV."""
+    start: int
+    """Stream index of tokens[0], i.e. tokens the slot has consumed so far."""
+    tokens: tuple[int, ...]
+    """A single token for decode, a prompt chunk for prefill."""
+    logits: str = "last"
+    """'none' (mid-prompt chunk), 'last' (sample the next token) or 'all' (perplexity evaluation)."""
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """One engine step: every chunk goes through a single forward."""
+
+    chunks: tuple[SeqChunk, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.tokens) for c in self.chunks)
+
+
+@dataclass
+class StepOutput:
+    """Logits per chunk index of the plan: [1, V] for 'last', [len(tokens), V] for 'all'."""
+
+    logits: dict[int, torch.Tensor]

@@ -1,0 +1,84 @@
+"""The sink+window KV pool: one preallocated tensor pair for every slot, written by index.
+
+Layout: keys and values are [layers, slots, kv_heads, capacity, head_dim]; `pos` [slots, capacity]
+holds the stream index of each entry (-1 when empty). Entry j < S is sink token j; entries S.. form
+the window ring (see positions.py). Keys are stored already rotated by their stream index.
+Nothing here is allocated per step: eviction is the ring overwriting its oldest entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import CacheConfig
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """Per-model dimensions of one KV entry."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+
+@dataclass
+class SlotSnapshot:
+    """A slot's KV copied to host memory (offload), restorable into any free slot."""
+
+    k: torch.Tensor  # [layers, kv_heads, capacity, head_dim]
+    v: torch.Tensor  # [layers, kv_heads, capacity, head_dim]
+    pos: torch.Tensor  # [capacity]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes + self.pos.nbytes
+
+
+class KVPool:
+    """Owns the device tensors; slot allocation bookkeeping lives with the sessions, not here."""
+
+    def __init__(self, cache: CacheConfig, shape: KVShape, dtype: torch.dtype, device: torch.device) -> None:
+        self.cache = cache
+        self.shape = shape
+        self.dtype = dtype
+        self.device = device
+        dims = (shape.layers, cache.num_slots, shape.kv_heads, cache.capacity, shape.head_dim)
+        self.k = torch.zeros(dims, dtype=dtype, device=device)  # [L, slots, kvh, cap, hd]
+        self.v = torch.zeros(dims, dtype=dtype, device=device)  # [L, slots, kvh, cap, hd]
+        self.pos = torch.full((cache.num_slots, cache.capacity), -1, dtype=torch.long, device=device)
+
+    @property
+    def bytes_per_slot(self) -> int:
+        """capacity x layers x 2 x kv_heads x head_dim x dtype size."""
+        s = self.shape
+        return self.cache.capacity * s.layers * 2 * s.kv_heads * s.head_dim * self.k.element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes + self.pos.nbytes
+
+    def clear(self, slot: int) -> None:
+        """Forget a slot's tokens; the tensors stay allocated."""
+        self.pos[slot] = -1
+
+    def snapshot(self, slot: int) -> SlotSnapshot:
+        """Copy a slot to host memory (pinned on CUDA so restores are asynchronous-capable)."""
+        pin = self.device.type == "cuda"
+        k = self.k[:, slot].to("cpu", copy=True)
+        v = self.v[:, slot].to("cpu", copy=True)
+        if pin:
+            k, v = k.pin_memory(), v.pin_memory()
+        return SlotSnapshot(k=k, v=v, pos=self.pos[slot].to("cpu", copy=True))
+
+    def restore(self, slot: int, snap: SlotSnapshot) -> None:
+        """Write a snapshot into a (possibly different) slot: keys do not depend on the slot index."""
+        self.k[:, slot].copy_(snap.k, non_blocking=True)
+        self.v[:, slot].copy_(snap.v, non_blocking=True)
+        self.pos[slot].copy_(snap.pos)
+
+    def write_positions(self, slots: torch.Tensor, entries: torch.Tensor, stream_idx: torch.Tensor) -> None:
+        """Record which stream token each written entry now holds."""
+        self.pos.index_put_((slots, entries), stream_idx)
