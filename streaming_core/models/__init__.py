@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .base import DecoderModel
@@ -18,7 +20,7 @@ def register(model_type: str, cls: type[DecoderModel]) -> None:
     _FAMILIES[model_type] = cls
 
 
-def build_model(hf_model: torch.nn.Module, dtype: torch.dtype, device: torch.device | str) -> DecoderModel:
+def build_model(hf_model: Any, dtype: torch.dtype, device: torch.device | str) -> DecoderModel:
     """Wrap a transformers causal LM's weights in our implementation of its family."""
     model_type = hf_model.config.model_type
     if model_type not in _FAMILIES:

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch import nn
 
 from ..attention import PositionalSpec, StepContext
 from ..kv_pool import KVShape
 
 
-class DecoderModel(nn.Module):
-    """A decoder-only LM over flat token rows [N]; attention goes through `StepContext.attend`."""
+class DecoderModel:
+    """A decoder-only LM over flat token rows [N]; attention goes through `StepContext.attend`.
+
+    Plain tensors, no nn.Module: weights are converted once from the transformers model and fused.
+    """
 
     spec: PositionalSpec
     kv_shape: KVShape
     vocab_size: int
     max_context: int | None
+    lm_head: torch.Tensor
+
+    def __init__(self, hf_model: Any, dtype: torch.dtype, device: torch.device | str) -> None:
+        raise NotImplementedError
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -26,10 +34,8 @@ class DecoderModel(nn.Module):
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    lm_head: torch.Tensor
-
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """input_ids [N] -> final hidden states [N, D] (normed)."""
         x = self.embed(input_ids)  # [N, D]
         for i in range(self.kv_shape.layers):

@@ -5,6 +5,8 @@ Weights are fused at load (q|k|v and gate|up) so that a layer is five matmuls.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -14,14 +16,13 @@ from .base import DecoderModel, param, rms_norm
 
 
 class LlamaModel(DecoderModel):
-    def __init__(self, hf_model: torch.nn.Module, dtype: torch.dtype, device: torch.device | str) -> None:
-        super().__init__()
+    def __init__(self, hf_model: Any, dtype: torch.dtype, device: torch.device | str) -> None:
         cfg = hf_model.config
         core = hf_model.model
         self.H = cfg.num_attention_heads
         self.kvh = getattr(cfg, "num_key_value_heads", None) or self.H
         self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.H
-        self.eps = cfg.rms_norm_eps
+        self.eps = float(cfg.rms_norm_eps)
         self.vocab_size = cfg.vocab_size
         self.max_context = getattr(cfg, "max_position_embeddings", None)
         n_layers = cfg.num_hidden_layers
