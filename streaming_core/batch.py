@@ -23,9 +23,17 @@ class SeqChunk:
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """One engine step: every chunk goes through a single forward."""
+    """One engine step: KV moves first, then every chunk goes through a single forward."""
 
     chunks: tuple[SeqChunk, ...]
+    offload: tuple[tuple[str, int], ...] = ()
+    """(session id, slot): copy the slot to host memory; the slot is reused in this same step."""
+    restore: tuple[tuple[str, int], ...] = ()
+    """(session id, slot): copy the session's host snapshot into the slot."""
+    clear: tuple[int, ...] = ()
+    """Slots handed to sessions with no KV yet."""
+    drop: tuple[str, ...] = ()
+    """Sessions whose host snapshots are no longer needed."""
 
     @property
     def num_tokens(self) -> int:

@@ -6,7 +6,7 @@ import torch
 
 from .attention import StepContext
 from .batch import BatchPlan, SeqChunk, StepOutput
-from .kv_pool import KVPool
+from .kv_pool import KVPool, SlotSnapshot
 from .models import DecoderModel
 
 
@@ -14,10 +14,15 @@ class ModelRunner:
     def __init__(self, model: DecoderModel, pool: KVPool) -> None:
         self.model, self.pool = model, pool
         self.device = pool.device
+        self.host: dict[str, SlotSnapshot] = {}
+        """Offloaded sessions' KV, by session id."""
 
     @torch.inference_mode()
     def run(self, plan: BatchPlan) -> StepOutput:
         """Decode rows (one token) go first, sorted by slot so that they attend over a pool view."""
+        self._move_kv(plan)
+        if not plan.chunks:
+            return StepOutput(logits={})
         order = sorted(
             range(len(plan.chunks)), key=lambda i: (len(plan.chunks[i].tokens) > 1, plan.chunks[i].slot)
         )
@@ -35,6 +40,18 @@ class ModelRunner:
             for j, (a, b) in spans.items():
                 logits[order[j]] = all_logits[a:b]
         return StepOutput(logits=logits)
+
+    def _move_kv(self, plan: BatchPlan) -> None:
+        """Offloads first: their slots may be handed to other sessions in this same plan."""
+        for sid, slot in plan.offload:
+            self.host[sid] = self.pool.snapshot(slot)
+            self.pool.clear(slot)
+        for sid, slot in plan.restore:
+            self.pool.restore(slot, self.host.pop(sid))
+        for slot in plan.clear:
+            self.pool.clear(slot)
+        for sid in plan.drop:
+            self.host.pop(sid, None)
 
     @staticmethod
     def _logit_rows(chunks: list[SeqChunk]) -> tuple[list[int], dict[int, tuple[int, int]]]:

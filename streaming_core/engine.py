@@ -1,0 +1,276 @@
+"""The engine: sessions in, tokens out. One loop thread; each step is schedule, run, postprocess.
+
+Thread model: callers (the HTTP server's event loop, the CLI) reach the engine only through
+`submit`, `abort` and `call`; what they ask is queued and applied by the loop thread between steps,
+so the scheduler and the sessions are only ever touched by one thread. Without a started loop thread
+the same calls run inline and `run_until_done` drives the steps (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from .batch import StepOutput
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .kv_pool import KVPool
+from .models import DecoderModel
+from .runner import ModelRunner
+from .sampler import RequestSampler, SamplingParams, sample
+from .scheduler import QueueFull, Scheduled, Scheduler, SessionBusy
+from .session import Request, RequestStream, SessionStats, TokenEvent
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Handle:
+    """What `submit` returns: the request id (for `abort`) and its event stream."""
+
+    request_id: str
+    stream: RequestStream
+
+
+class Engine:
+    def __init__(
+        self, model: DecoderModel, tokenizer: Any, config: EngineConfig, eos_token_ids: Iterable[int] = ()
+    ) -> None:
+        config.cache.check_context(model.max_context)
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.pool = KVPool(config.cache, model.kv_shape, model.lm_head.dtype, model.lm_head.device)
+        self.runner = ModelRunner(model, self.pool)
+        self.scheduler = Scheduler(config.cache, config.max_batch_tokens, config.max_waiting)
+        self.eos = set(eos_token_ids)
+        self.generator = torch.Generator().manual_seed(0)
+        self.requests: dict[str, Request] = {}
+        self._inbox: list[Callable[[], None]] = []
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0
+        self.on_step: Callable[[Engine, list[Scheduled]], None] | None = None
+        """Hook for metrics, called on the loop thread after every step."""
+
+    # -- public API (any thread) -------------------------------------------------------------------
+    def submit(
+        self,
+        session_id: str | None,
+        tokens: list[int],
+        params: SamplingParams | None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Handle:
+        """Queue a turn: prefill `tokens` into the session, then generate under `params` (None: prefill only).
+
+        A new session id opens a session; None opens an ephemeral one, dropped after the turn. A full
+        queue or a busy session ends the stream at once with an error event ('queue_full', 'session_busy').
+        """
+        if not tokens:
+            raise ValueError("a turn needs at least one new token")
+        stream = RequestStream(loop)
+        request_id = f"req-{uuid.uuid4().hex[:16]}"
+        sampler = (
+            None if params is None else RequestSampler(params, tokens, self.model.vocab_size, self.generator)
+        )
+        detok = None if params is None else IncrementalDetokenizer(self.tokenizer, params.stop)
+
+        def add() -> None:
+            sid = session_id or f"tmp-{request_id}"
+            session = self.scheduler.session(sid, ephemeral=session_id is None)
+            req = Request(session, list(tokens), params, sampler, stream, detok, id=request_id)
+            try:
+                self.scheduler.add(req)
+            except (QueueFull, SessionBusy) as e:
+                if session.request is None and session.tokens_seen == 0:
+                    self.scheduler.close(sid)
+                code = "queue_full" if isinstance(e, QueueFull) else "session_busy"
+                stream.put(TokenEvent(None, "", finish_reason="error", error=code))
+                return
+            self.requests[request_id] = req
+
+        self.call(add)
+        return Handle(request_id, stream)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (client gone); it ends within one step and its session keeps what was consumed."""
+
+        def cancel() -> None:
+            req = self.requests.get(request_id)
+            if req is not None:
+                self._finish(req, "abort")
+
+        self.call(cancel)
+
+    def call(self, fn: Callable[[], T]) -> Future[T]:
+        """Run `fn` on the loop thread between steps (inline when no loop thread runs)."""
+        fut: Future[T] = Future()
+
+        def job() -> None:
+            try:
+                fut.set_result(fn())
+            except BaseException as e:
+                fut.set_exception(e)
+
+        if self._thread is None:
+            job()
+        else:
+            with self._wake:
+                self._inbox.append(job)
+                self._wake.notify()
+        return fut
+
+    def stats(self, session_id: str) -> SessionStats | None:
+        return self.call(lambda: self._stats(session_id)).result()
+
+    def close_session(self, session_id: str) -> bool:
+        """Forget an idle session and free its KV; False if unknown or busy."""
+
+        def close() -> bool:
+            s = self.scheduler.sessions.get(session_id)
+            if s is None or s.request is not None:
+                return False
+            for sid in self.scheduler.close(session_id):
+                self.runner.host.pop(sid, None)
+            return True
+
+        return self.call(close).result()
+
+    def offload(self, session_id: str) -> None:
+        """Move an idle session's KV to host memory now (otherwise it happens LRU when slots run out)."""
+
+        def move() -> None:
+            s = self.scheduler.sessions[session_id]
+            if s.request is not None or s.slot is None:
+                raise ValueError(f"session {session_id!r} is busy or not resident")
+            plan = self.scheduler.evict(s)
+            self.runner.run(plan)
+
+        self.call(move).result()
+
+    # -- loop --------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="streamllm-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the current step; in-flight requests end with an 'abort' event."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._thread = None
+        for req in list(self.requests.values()):
+            self._finish(req, "abort")
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._inbox and not self.scheduler.has_work and not self._stopping:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                jobs, self._inbox = self._inbox, []
+            for job in jobs:
+                job()
+            if self.scheduler.has_work:
+                self._safe_step()
+
+    def _safe_step(self) -> None:
+        try:
+            self.step()
+        except Exception as e:  # a failed step must not kill the loop: fail its requests instead
+            log.exception("engine step failed")
+            for req in list(self.scheduler.running):
+                self._finish(req, "error", error=f"engine step failed: {e}")
+
+    def run_until_done(self, *handles: Handle) -> None:
+        """Drive steps inline until the given requests have ended (no loop thread)."""
+        assert self._thread is None, "the loop thread is running"
+        while not all(h.stream.done.is_set() for h in handles):
+            if not self.scheduler.has_work:
+                raise RuntimeError("requests pending but nothing scheduled")
+            self.step()
+
+    # -- one step ----------------------------------------------------------------------------------
+    def step(self) -> None:
+        plan, work = self.scheduler.schedule()
+        output = self.runner.run(plan)
+        self._postprocess(work, output)
+
+    def _postprocess(self, work: list[Scheduled], output: StepOutput) -> None:
+        to_sample: list[tuple[Request, torch.Tensor]] = []
+        for i, w in enumerate(work):
+            req = w.request
+            req.session.consume(w.tokens)
+            if w.decode:
+                req.pending = None
+            else:
+                req.prefilled += len(w.tokens)
+            if w.sample and req.params is None:
+                self._finish(req, "stop")
+            elif w.sample:
+                to_sample.append((req, output.logits[i]))
+        if to_sample:
+            logits = torch.cat([lg for _, lg in to_sample])  # [B, V]
+            samplers = [r.sampler for r, _ in to_sample]
+            assert all(s is not None for s in samplers)
+            for (req, _), tok in zip(to_sample, sample(logits, samplers), strict=True):  # type: ignore[arg-type]
+                self._emit(req, tok.token, tok.logprob, tok.top_logprobs)
+        self.steps += 1
+        if self.on_step is not None:
+            self.on_step(self, work)
+
+    def _emit(self, req: Request, token: int, logprob: float | None, top: list[tuple[int, float]]) -> None:
+        params, detok = req.params, req.detok
+        assert params is not None and detok is not None
+        req.generated.append(token)
+        if (token in self.eos and not params.ignore_eos) or token in params.stop_token_ids:
+            self._finish(req, "stop", token=token, logprob=logprob, top=top)
+            return
+        text = detok.add(token)
+        if detok.stopped:
+            self._finish(req, "stop", token=token, text=text, logprob=logprob, top=top)
+        elif len(req.generated) >= params.max_tokens:
+            self._finish(req, "length", token=token, text=text + detok.flush(), logprob=logprob, top=top)
+        else:
+            req.pending = token
+            req.stream.put(TokenEvent(token, text, logprob, top))
+
+    def _finish(
+        self,
+        req: Request,
+        reason: str,
+        token: int | None = None,
+        text: str = "",
+        logprob: float | None = None,
+        top: list[tuple[int, float]] | None = None,
+        error: str | None = None,
+    ) -> None:
+        if self.requests.pop(req.id, None) is None and req.session.request is not req:
+            return
+        if reason == "abort" and req.detok is not None:
+            text += req.detok.flush()
+        for sid in self.scheduler.finish(req):
+            self.runner.host.pop(sid, None)
+        event = TokenEvent(token, text, logprob, top or [], finish_reason=reason, error=error)
+        event.prompt_tokens, event.completion_tokens = len(req.prompt), len(req.generated)
+        req.stream.put(event)
+
+    def _stats(self, session_id: str) -> SessionStats | None:
+        s = self.scheduler.sessions.get(session_id)
+        if s is None:
+            return None
+        return SessionStats(
+            s.id, s.tokens_seen, s.cache_tokens, s.evicted, s.location.value, s.slot, s.request is not None
+        )

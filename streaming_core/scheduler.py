@@ -1,0 +1,158 @@
+"""Continuous batching over sessions: plain-Python bookkeeping, no tensors.
+
+Every step decodes one token for each running request that has finished its prompt and fills the rest
+of the token budget with prompt chunks. Sessions own pool slots while they hold KV; a request whose
+session has no slot waits until one is free or an idle session is offloaded (least recently used).
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from .batch import BatchPlan, SeqChunk
+from .config import CacheConfig
+from .session import KVLocation, Request, Session
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than the engine accepts; the server answers 429."""
+
+
+class SessionBusy(RuntimeError):
+    """A session takes one request at a time; the server answers 409."""
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    """What one chunk of the plan was for, so that its output reaches the right request."""
+
+    request: Request
+    tokens: tuple[int, ...]
+    decode: bool
+    sample: bool
+
+
+class Scheduler:
+    def __init__(self, cache: CacheConfig, max_batch_tokens: int, max_waiting: int) -> None:
+        self.cache = cache
+        self.max_batch_tokens = max_batch_tokens
+        self.max_waiting = max_waiting
+        self.sessions: dict[str, Session] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.free_slots = list(range(cache.num_slots))
+        heapq.heapify(self.free_slots)
+        self.offloads = 0
+
+    # -- queues ----------------------------------------------------------------------------------
+    def session(self, session_id: str, ephemeral: bool = False) -> Session:
+        if session_id not in self.sessions:
+            self.sessions[session_id] = Session(
+                session_id, self.cache.sink_tokens, self.cache.window, ephemeral=ephemeral
+            )
+        return self.sessions[session_id]
+
+    def add(self, request: Request) -> None:
+        if request.session.request is not None:
+            raise SessionBusy(f"session {request.session.id!r} already has a request in progress")
+        if len(self.waiting) >= self.max_waiting:
+            raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+        request.session.request = request
+        self.waiting.append(request)
+
+    def finish(self, request: Request) -> list[str]:
+        """Take a request out of the queues; returns session ids whose host snapshots are now unused."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        s = request.session
+        s.request = None
+        s.last_used = time.monotonic()
+        return self.close(s.id) if s.ephemeral else []
+
+    def close(self, session_id: str) -> list[str]:
+        """Forget a session (it must be idle); its slot goes back to the pool."""
+        s = self.sessions.pop(session_id, None)
+        if s is None:
+            return []
+        if s.slot is not None:
+            heapq.heappush(self.free_slots, s.slot)
+        return [s.id] if s.location is KVLocation.HOST else []
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # -- one step ---------------------------------------------------------------------------------
+    def schedule(self) -> tuple[BatchPlan, list[Scheduled]]:
+        offload: list[tuple[str, int]] = []
+        restore: list[tuple[str, int]] = []
+        clear: list[int] = []
+        self._admit(offload, restore, clear)
+        budget = self.max_batch_tokens
+        work: list[Scheduled] = []
+        for r in self.running:
+            if r.pending is not None and budget > 0:
+                work.append(Scheduled(r, (r.pending,), decode=True, sample=True))
+                budget -= 1
+        for r in sorted(self.running, key=lambda r: r.arrived):
+            if r.prefill_left > 0 and budget > 0:
+                n = min(r.prefill_left, self.cache.prefill_chunk, budget)
+                done = n == r.prefill_left
+                work.append(Scheduled(r, tuple(r.prompt[r.prefilled : r.prefilled + n]), False, done))
+                budget -= n
+        chunks = tuple(self._chunk(w) for w in work)
+        return BatchPlan(chunks, tuple(offload), tuple(restore), tuple(clear)), work
+
+    @staticmethod
+    def _chunk(w: Scheduled) -> SeqChunk:
+        s = w.request.session
+        assert s.slot is not None, "running requests hold a slot"
+        return SeqChunk(s.slot, s.tokens_seen, w.tokens, "last" if w.sample else "none")
+
+    def _admit(
+        self, offload: list[tuple[str, int]], restore: list[tuple[str, int]], clear: list[int]
+    ) -> None:
+        """Move waiting requests to running while slots can be found, in arrival order."""
+        while self.waiting:
+            r = self.waiting[0]
+            s = r.session
+            if s.slot is None:
+                slot = self._take_slot(offload)
+                if slot is None:
+                    return
+                s.slot = slot
+                if s.location is KVLocation.HOST:
+                    restore.append((s.id, slot))
+                else:
+                    clear.append(slot)
+                s.location = KVLocation.SLOT
+            self.waiting.popleft()
+            self.running.append(r)
+
+    def evict(self, session: Session) -> BatchPlan:
+        """Plan to move an idle resident session's KV to host memory and free its slot."""
+        assert session.slot is not None and session.request is None
+        plan = BatchPlan((), offload=((session.id, session.slot),))
+        heapq.heappush(self.free_slots, session.slot)
+        session.slot, session.location = None, KVLocation.HOST
+        self.offloads += 1
+        return plan
+
+    def _take_slot(self, offload: list[tuple[str, int]]) -> int | None:
+        if self.free_slots:
+            return heapq.heappop(self.free_slots)
+        idle = [s for s in self.sessions.values() if s.slot is not None and s.request is None]
+        if not idle:
+            return None
+        victim = min(idle, key=lambda s: s.last_used)
+        slot = victim.slot
+        assert slot is not None
+        offload.append((victim.id, slot))
+        victim.slot, victim.location = None, KVLocation.HOST
+        self.offloads += 1
+        return slot

@@ -1,0 +1,153 @@
+"""Bookkeeping objects the scheduler moves around: sessions, requests, and the event stream a request feeds.
+
+A `Session` is one conversation's stream: tokens consumed into its KV, the sinks and the recent tail
+(enough to rebuild the KV from scratch), and where the KV lives (a pool slot, host memory, or nowhere).
+A `Request` is one turn on a session: new tokens to prefill, then tokens to generate.
+No tensors here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .detokenizer import IncrementalDetokenizer
+from .sampler import RequestSampler, SamplingParams
+
+_request_ids = itertools.count()
+
+
+class KVLocation(Enum):
+    NONE = "none"  # nothing consumed yet, or the KV was dropped: rebuild from sinks + tail
+    SLOT = "slot"  # resident in a device pool slot
+    HOST = "host"  # offloaded to host memory
+
+
+@dataclass
+class Session:
+    id: str
+    sink_tokens: int
+    window: int
+    tokens_seen: int = 0
+    """Tokens consumed into the KV over the whole stream (evicted ones included)."""
+    sinks: list[int] = field(default_factory=list)
+    tail: deque[int] = field(default_factory=deque)
+    """The last `window` consumed tokens: with `sinks`, what a rebuild re-prefills."""
+    slot: int | None = None
+    location: KVLocation = KVLocation.NONE
+    request: Request | None = None
+    ephemeral: bool = False
+    """Dropped as soon as its request ends (stateless requests)."""
+    created_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.tail = deque(self.tail, maxlen=self.window)
+
+    @property
+    def cache_tokens(self) -> int:
+        return min(self.tokens_seen, self.sink_tokens + self.window)
+
+    @property
+    def evicted(self) -> int:
+        return self.tokens_seen - self.cache_tokens
+
+    def consume(self, tokens: list[int] | tuple[int, ...]) -> None:
+        """Record tokens whose KV has just been written."""
+        need = max(0, self.sink_tokens - len(self.sinks))
+        self.sinks.extend(tokens[:need])
+        self.tail.extend(tokens[need:])
+        self.tokens_seen += len(tokens)
+
+
+@dataclass
+class SessionStats:
+    id: str
+    tokens_seen: int
+    cache_tokens: int
+    evicted: int
+    location: str
+    slot: int | None
+    busy: bool
+
+
+@dataclass
+class TokenEvent:
+    """One generated token as the client sees it; the last event of a request carries finish_reason."""
+
+    token: int | None
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None
+    """'stop', 'length', 'abort' or 'error'."""
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class RequestStream:
+    """Events of one request, put by the engine thread, read sync (iteration) or async (`async for`)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop
+        self._async: asyncio.Queue[TokenEvent] | None = asyncio.Queue() if loop is not None else None
+        self._sync: queue.SimpleQueue[TokenEvent] = queue.SimpleQueue()
+        self.done = threading.Event()
+
+    def put(self, event: TokenEvent) -> None:
+        if event.finish_reason is not None:
+            self.done.set()
+        if self._loop is not None and self._async is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._async.put_nowait, event)
+            except RuntimeError:  # the client's loop is closed: nobody is listening any more
+                pass
+        else:
+            self._sync.put(event)
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while True:
+            event = self._sync.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        assert self._async is not None, "create the stream with the event loop to read it asynchronously"
+        while True:
+            event = await self._async.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+
+@dataclass
+class Request:
+    session: Session
+    prompt: list[int]
+    params: SamplingParams | None
+    """None: prefill only (ingest tokens into the session, generate nothing)."""
+    sampler: RequestSampler | None
+    stream: RequestStream
+    detok: IncrementalDetokenizer | None
+    id: str = field(default_factory=lambda: f"req-{next(_request_ids)}")
+    prefilled: int = 0
+    pending: int | None = None
+    """Last sampled token: it is fed (and enters the KV) only if generation goes on."""
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    arrived: float = field(default_factory=time.monotonic)
+    cached_tokens: int = 0
+
+    @property
+    def prefill_left(self) -> int:
+        return len(self.prompt) - self.prefilled
