@@ -9,6 +9,7 @@ No tensors here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import queue
 import threading
@@ -107,10 +108,8 @@ class RequestStream:
         if event.finish_reason is not None:
             self.done.set()
         if self._loop is not None and self._async is not None:
-            try:
+            with contextlib.suppress(RuntimeError):  # the client's loop is closed: nobody listens any more
                 self._loop.call_soon_threadsafe(self._async.put_nowait, event)
-            except RuntimeError:  # the client's loop is closed: nobody is listening any more
-                pass
         else:
             self._sync.put(event)
 

@@ -7,12 +7,18 @@ from typing import Any
 import torch
 
 from .base import DecoderModel
+from .falcon import FalconModel
 from .llama import LlamaModel
+from .mpt import MptModel
+from .neox import NeoXModel
 
 _FAMILIES: dict[str, type[DecoderModel]] = {
     "llama": LlamaModel,
     "mistral": LlamaModel,
     "qwen2": LlamaModel,
+    "gpt_neox": NeoXModel,
+    "falcon": FalconModel,
+    "mpt": MptModel,
 }
 
 

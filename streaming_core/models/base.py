@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..attention import PositionalSpec, StepContext
 from ..kv_pool import KVShape
@@ -62,3 +65,48 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_new": partial(F.gelu, approximate="tanh"),
+    "gelu_fast": partial(F.gelu, approximate="tanh"),
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The MLP activation a transformers config names (hidden_act / activation)."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+def ungroup_qkv(t: torch.Tensor, kv_heads: int, q_per_kv: int, head_dim: int) -> torch.Tensor:
+    """Reorder the rows of a fused qkv weight [rows, D] or bias [rows] laid out per KV group as
+    [kv_heads, q_per_kv + 2, head_dim] (q heads of the group, then its k, then its v) into
+    [q of every head | k of every kv head | v of every kv head], so that one split yields q, k, v.
+
+    GPT-NeoX's per-head [H, 3, hd] is the case kv_heads = H, q_per_kv = 1; Falcon's multi-query
+    [H + 2, hd] is kv_heads = 1, q_per_kv = H.
+    """
+    g = t.view(kv_heads, q_per_kv + 2, head_dim, *t.shape[1:])  # [kvh, g + 2, hd, (D)]
+    q = g[:, :q_per_kv].reshape(kv_heads * q_per_kv * head_dim, *t.shape[1:])  # [H*hd, (D)]
+    k = g[:, q_per_kv].reshape(kv_heads * head_dim, *t.shape[1:])  # [kvh*hd, (D)]
+    v = g[:, q_per_kv + 1].reshape(kv_heads * head_dim, *t.shape[1:])  # [kvh*hd, (D)]
+    return torch.cat((q, k, v))
+
+
+def rope_spec(rotary_emb: Any, head_dim: int) -> PositionalSpec:
+    """RoPE spec from a transformers rotary embedding module; rotary_dim follows its inv_freq, so
+    partial rotary (GPT-NeoX rotary_pct) rotates exactly the features transformers rotates."""
+    return PositionalSpec(
+        kind="rope",
+        scale=head_dim**-0.5,
+        rotary_dim=rotary_emb.inv_freq.shape[0] * 2,
+        inv_freq=rotary_emb.inv_freq.detach().to(torch.float64).cpu(),
+        rope_scaling=float(getattr(rotary_emb, "attention_scaling", 1.0)),
+    )

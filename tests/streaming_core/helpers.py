@@ -30,6 +30,66 @@ def tiny_llama(seed: int = 0, **overrides):
     return LlamaForCausalLM(LlamaConfig(**kw)).eval()
 
 
+def tiny_neox(seed: int = 0, **overrides):
+    """Pythia-like: partial rotary (rotary_pct 0.25 -> 4 of 16 features), parallel residual, biases."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    kw = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=128,
+        max_position_embeddings=1024,
+        rotary_pct=0.25,
+        hidden_act="gelu",
+        initializer_range=0.2,
+    )
+    kw.update(overrides)
+    return GPTNeoXForCausalLM(GPTNeoXConfig(**kw)).eval()
+
+
+def tiny_falcon(seed: int = 0, **overrides):
+    """Falcon-7B-like by default: multi-query (one KV head), parallel attention, one LayerNorm."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(seed)
+    kw = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=128,
+        max_position_embeddings=1024,
+        alibi=False,
+        multi_query=True,
+        parallel_attn=True,
+        new_decoder_architecture=False,
+        initializer_range=0.2,
+    )
+    kw.update(overrides)
+    return FalconForCausalLM(FalconConfig(**kw)).eval()
+
+
+def tiny_mpt(seed: int = 0, attn_config: dict | None = None, **overrides):
+    """MPT with ALiBi (alibi_bias_max 8), LayerNorms without bias, no linear biases."""
+    from transformers import MptConfig, MptForCausalLM
+
+    torch.manual_seed(seed)
+    kw = dict(
+        d_model=64,
+        n_heads=4,
+        n_layers=2,
+        expansion_ratio=2,
+        vocab_size=128,
+        max_seq_len=1024,
+        attn_config=dict(alibi=True, alibi_bias_max=8, **(attn_config or {})),
+        initializer_range=0.2,
+    )
+    kw.update(overrides)
+    return MptForCausalLM(MptConfig(**kw)).eval()
+
+
 def make_runner(
     model: DecoderModel, sink_tokens: int = 4, window: int = 28, num_slots: int = 4, dtype=torch.float32
 ) -> ModelRunner:
