@@ -274,3 +274,23 @@ class Engine:
         return SessionStats(
             s.id, s.tokens_seen, s.cache_tokens, s.evicted, s.location.value, s.slot, s.request is not None
         )
+
+
+def eos_token_ids(tokenizer: Any, hf_config: Any) -> set[int]:
+    """End-of-sequence ids from the tokenizer and the model config (which may list several)."""
+    ids: set[int] = set()
+    for value in (getattr(tokenizer, "eos_token_id", None), getattr(hf_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def build_engine(config: EngineConfig, data_dir: Any = None) -> Engine:
+    """Load the configured model and wrap it in an engine (not started)."""
+    from .loader import load_model, resolve_device_dtype
+
+    device, dtype = resolve_device_dtype(config.device, config.dtype)
+    loaded = load_model(config.model, dtype=dtype, device=str(device), data_dir=data_dir)
+    return Engine(loaded.model, loaded.tokenizer, config, eos_token_ids(loaded.tokenizer, loaded.hf_config))
