@@ -34,6 +34,25 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
+class Rebuild:
+    """What a session's KV is recomputed from: its sinks, its recent tail, and how many tokens it had seen.
+
+    While nothing was evicted (tokens_seen <= capacity) the rebuilt KV is exact; past that, the window is
+    recomputed without the evicted context that originally preceded it (StreamingLLM keeps no more).
+    """
+
+    sinks: list[int]
+    tail: list[int]
+    tokens_seen: int
+
+    def __post_init__(self) -> None:
+        if self.tokens_seen < len(self.sinks) + len(self.tail):
+            raise ValueError("tokens_seen is smaller than the sinks plus the tail")
+        if self.tail and not self.sinks:
+            raise ValueError("a tail without sinks")
+
+
+@dataclass(frozen=True)
 class Handle:
     """What `submit` returns: the request id (for `abort`) and its event stream."""
 
@@ -68,11 +87,14 @@ class Engine:
         tokens: list[int],
         params: SamplingParams | None,
         loop: asyncio.AbstractEventLoop | None = None,
+        rebuild: Rebuild | None = None,
     ) -> Handle:
         """Queue a turn: prefill `tokens` into the session, then generate under `params` (None: prefill only).
 
         A new session id opens a session; None opens an ephemeral one, dropped after the turn. A full
         queue or a busy session ends the stream at once with an error event ('queue_full', 'session_busy').
+        `rebuild` recreates a session whose KV is gone (another process, a restart) from its sinks and
+        tail before the turn's tokens; a session the engine still holds ignores it.
         """
         if not tokens:
             raise ValueError("a turn needs at least one new token")
@@ -87,6 +109,9 @@ class Engine:
             sid = session_id or f"tmp-{request_id}"
             session = self.scheduler.session(sid, ephemeral=session_id is None)
             req = Request(session, list(tokens), params, sampler, stream, detok, id=request_id)
+            if rebuild is not None and session.tokens_seen == 0 and session.request is None:
+                req.prompt = [*rebuild.sinks, *rebuild.tail, *tokens]
+                req.resume = (len(rebuild.sinks), rebuild.tokens_seen - len(rebuild.tail))
             try:
                 self.scheduler.add(req)
             except (QueueFull, SessionBusy) as e:
@@ -216,7 +241,7 @@ class Engine:
             if w.decode:
                 req.pending = None
             else:
-                req.prefilled += len(w.tokens)
+                req.advance(len(w.tokens))
             if w.sample and req.params is None:
                 self._finish(req, "stop")
             elif w.sample:

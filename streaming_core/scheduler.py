@@ -101,7 +101,7 @@ class Scheduler:
                 budget -= 1
         for r in sorted(self.running, key=lambda r: r.arrived):
             if r.prefill_left > 0 and budget > 0:
-                n = min(r.prefill_left, self.cache.prefill_chunk, budget)
+                n = r.next_chunk(min(self.cache.prefill_chunk, budget))
                 done = n == r.prefill_left
                 work.append(Scheduled(r, tuple(r.prompt[r.prefilled : r.prefilled + n]), False, done))
                 budget -= n

@@ -145,8 +145,22 @@ class Request:
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
     arrived: float = field(default_factory=time.monotonic)
-    cached_tokens: int = 0
+    resume: tuple[int, int] | None = None
+    """(prompt index, stream index): a rebuild re-prefills the sinks, then jumps to the tail's stream index."""
 
     @property
     def prefill_left(self) -> int:
         return len(self.prompt) - self.prefilled
+
+    def next_chunk(self, limit: int) -> int:
+        """Prompt tokens for the next chunk: a chunk never crosses the rebuild's jump in stream index."""
+        n = min(self.prefill_left, limit)
+        if self.resume is not None and self.prefilled < self.resume[0]:
+            n = min(n, self.resume[0] - self.prefilled)
+        return n
+
+    def advance(self, n: int) -> None:
+        """n prompt tokens were consumed."""
+        self.prefilled += n
+        if self.resume is not None and self.prefilled == self.resume[0]:
+            self.session.tokens_seen = self.resume[1]

@@ -9,7 +9,7 @@ import torch
 
 from streaming_core.batch import BatchPlan, SeqChunk
 from streaming_core.config import CacheConfig, EngineConfig
-from streaming_core.engine import Engine
+from streaming_core.engine import Engine, Rebuild
 from streaming_core.sampler import SamplingParams
 
 from .helpers import make_runner, tiny_llama, wrap
@@ -223,3 +223,35 @@ async def test_async_stream_and_abort_within_a_step(model):
         assert events[-1].finish_reason == "length"
     finally:
         engine.stop()
+
+
+def test_rebuild_is_exact_while_nothing_was_evicted(model):
+    history = prompt(20, 21)
+    original = make_engine(model)
+    generate(original, "s", history, SamplingParams(max_tokens=1, temperature=0))
+    s = original.scheduler.sessions["s"]
+    follow = prompt(5, 22)
+    want = generate(original, "s", follow)
+    other = make_engine(model)
+    h = other.submit("s", follow, GREEDY, rebuild=Rebuild(history[:S], history[S:], len(history)))
+    other.run_until_done(h)
+    assert [e.token for e in h.stream if e.token is not None] == want
+    assert other.stats("s").tokens_seen == original.stats("s").tokens_seen
+
+
+def test_rebuild_after_eviction_keeps_counts_and_is_the_shifted_stream(model):
+    """Past capacity a rebuild re-prefills sinks + tail at their stream indices: it equals a fresh stream
+    of sinks + tail (attention only sees distances), and the counters carry on."""
+    long = prompt(5 * (S + W), 23)
+    original = make_engine(model)
+    generate(original, "s", long, SamplingParams(max_tokens=1, temperature=0))
+    s = original.scheduler.sessions["s"]
+    sinks, tail, seen = list(s.sinks), list(s.tail), s.tokens_seen
+    assert len(sinks) == S and len(tail) == W and seen == len(long)
+    follow = prompt(6, 24)
+    rebuilt = make_engine(model)
+    h = rebuilt.submit("s", follow, GREEDY, rebuild=Rebuild(sinks, tail, seen))
+    rebuilt.run_until_done(h)
+    got = [e.token for e in h.stream if e.token is not None]
+    assert rebuilt.stats("s").tokens_seen == seen + len(follow) + len(got) - 1
+    assert got == generate(make_engine(model), None, sinks + tail + follow)
