@@ -229,7 +229,6 @@ def test_rebuild_is_exact_while_nothing_was_evicted(model):
     history = prompt(20, 21)
     original = make_engine(model)
     generate(original, "s", history, SamplingParams(max_tokens=1, temperature=0))
-    s = original.scheduler.sessions["s"]
     follow = prompt(5, 22)
     want = generate(original, "s", follow)
     other = make_engine(model)
