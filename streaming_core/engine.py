@@ -156,6 +156,17 @@ class Engine:
     def stats(self, session_id: str) -> SessionStats | None:
         return self.call(lambda: self._stats(session_id)).result()
 
+    def session_state(self, session_id: str) -> Rebuild | None:
+        """What a rebuild of this session would start from (None if unknown); persisted per turn by the server."""
+
+        def read() -> Rebuild | None:
+            s = self.scheduler.sessions.get(session_id)
+            if s is None:
+                return None
+            return Rebuild(list(s.sinks), list(s.tail), s.tokens_seen)
+
+        return self.call(read).result()
+
     def close_session(self, session_id: str) -> bool:
         """Forget an idle session and free its KV; False if unknown or busy."""
 
