@@ -51,6 +51,10 @@ class _Rope:
 @dataclass
 class _Decode:
     rows: int
+    sink_max: int  # largest sink count in the group
+    sink_cols: (
+        torch.Tensor | None
+    )  # [B, 1, 1, sink_max] which leading entries are sinks, None if all rows agree
     slots: torch.Tensor  # [B]
     entries: torch.Tensor  # [B] ring entry each new token is written to
     view: slice | None  # slots as a contiguous range: attend over a view, no gather
@@ -61,6 +65,7 @@ class _Decode:
 class _Prefill:
     row0: int
     slot: int
+    sinks: int
     cache_bias: torch.Tensor  # [kvh|1, g|1, C, cap]
     chunk_bias: torch.Tensor  # [kvh|1, g|1, C, C]
     chunk_is_sink: torch.Tensor  # [C] keys of the chunk that are sinks (scored with the sink query)
@@ -74,7 +79,7 @@ class StepContext:
     def __init__(self, pool: KVPool, spec: PositionalSpec, decode: list[SeqChunk], prefill: list[SeqChunk]):
         self.pool, self.spec = pool, spec
         cache = pool.cache
-        self.S, self.W, self.cap = cache.sink_tokens, cache.window, cache.capacity
+        self.S, self.cap = cache.sink_tokens, cache.capacity
         dev = pool.device
         self.kvh = pool.shape.kv_heads
         positions = [torch.tensor([c.start], dtype=torch.long) for c in decode]
@@ -110,7 +115,9 @@ class StepContext:
     def _build_decode(self, chunks: list[SeqChunk], t: torch.Tensor, p_parts: list[torch.Tensor]) -> _Decode:
         dev = self.pool.device
         slots = torch.tensor([c.slot for c in chunks], dtype=torch.long, device=dev)
-        entries = ring_index(t, self.S, self.W)
+        sinks = [self.S if c.sinks is None else c.sinks for c in chunks]
+        S = torch.tensor(sinks, dtype=torch.long, device=dev)  # [B]
+        entries = ring_index(t, S, self.cap - S)
         self.pool.write_positions(slots, entries, t)
         first = chunks[0].slot
         contiguous = all(c.slot == first + i for i, c in enumerate(chunks))
@@ -118,15 +125,18 @@ class StepContext:
         p = (pos >= 0).sum(-1) - 1  # [B]
         p_parts.append(p)
         idx = torch.arange(self.cap, device=dev)
-        dist = torch.where(idx < self.S, p[:, None] - idx, t[:, None] - pos)
+        dist = torch.where(idx < S[:, None], p[:, None] - idx, t[:, None] - pos)
         bias = self._heads_bias(dist[:, None, :], (pos >= 0)[:, None, :])[:, :, :, 0]  # [B, kvh|1, g|1, cap]
         view = slice(first, first + len(chunks)) if contiguous else None
-        return _Decode(len(chunks), slots, entries, view, bias)
+        smax = max(sinks)
+        cols = None if min(sinks) == smax else (idx[:smax] < S[:, None])[:, None, None, :]  # [B, 1, 1, smax]
+        return _Decode(len(chunks), smax, cols, slots, entries, view, bias)
 
     def _build_prefill(
         self, c: SeqChunk, row0: int, t: torch.Tensor, p_parts: list[torch.Tensor]
     ) -> _Prefill:
-        S, W, dev = self.S, self.W, self.pool.device
+        S = self.S if c.sinks is None else c.sinks
+        W, dev = self.cap - S, self.pool.device
         pos = self.pool.pos[c.slot]  # [cap] before the write
         idx = torch.arange(self.cap, device=dev)
         tq = t[:, None]
@@ -143,6 +153,7 @@ class StepContext:
         return _Prefill(
             row0=row0,
             slot=c.slot,
+            sinks=S,
             cache_bias=self._heads_bias(dist_c, valid_c),
             chunk_bias=self._heads_bias(dist_n, valid_n),
             chunk_is_sink=is_sink,
@@ -180,8 +191,9 @@ class StepContext:
     def _attend_decode(
         self, layer: int, q_w: torch.Tensor, q_s: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
-        d, S, pool = self.decode, self.S, self.pool
+        d, pool = self.decode, self.pool
         assert d is not None
+        S = d.sink_max
         pool.k[layer][d.slots, :, d.entries] = k  # [B, kvh, hd] into [slots, kvh, cap, hd]
         pool.v[layer][d.slots, :, d.entries] = v
         K = pool.k[layer, d.view] if d.view is not None else pool.k[layer][d.slots]  # [B, kvh, cap, hd]
@@ -191,14 +203,15 @@ class StepContext:
         scores = torch.matmul(qw, K.transpose(-1, -2))  # [B, kvh, g, cap]
         if S > 0 and self.rope is not None:
             qs = q_s.view(B, self.kvh, H // self.kvh, hd)
-            scores[..., :S] = torch.matmul(qs, K[:, :, :S].transpose(-1, -2))
+            sink = torch.matmul(qs, K[:, :, :S].transpose(-1, -2))  # [B, kvh, g, S]
+            scores[..., :S] = sink if d.sink_cols is None else torch.where(d.sink_cols, sink, scores[..., :S])
         probs = torch.softmax(scores.float() + d.bias, dim=-1).to(V.dtype)
         return torch.matmul(probs, V).view(B, H, hd)  # [B, H, hd]
 
     def _attend_prefill(
         self, layer: int, m: _Prefill, q_w: torch.Tensor, q_s: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
-        S, pool, kvh = self.S, self.pool, self.kvh
+        S, pool, kvh = m.sinks, self.pool, self.kvh
         C, H, hd = q_w.shape
         g = H // kvh
         Kc, Vc = pool.k[layer, m.slot], pool.v[layer, m.slot]  # [kvh, cap, hd]

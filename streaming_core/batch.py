@@ -19,6 +19,9 @@ class SeqChunk:
     """A single token for decode, a prompt chunk for prefill."""
     logits: str = "last"
     """'none' (mid-prompt chunk), 'last' (sample the next token) or 'all' (perplexity evaluation)."""
+    sinks: int | None = None
+    """The session's sink count when it differs from the pool's (a pinned system prompt); the window
+    shrinks by as much, so the slot's capacity is unchanged."""
 
 
 @dataclass(frozen=True)

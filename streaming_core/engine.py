@@ -88,16 +88,21 @@ class Engine:
         params: SamplingParams | None,
         loop: asyncio.AbstractEventLoop | None = None,
         rebuild: Rebuild | None = None,
+        sink_tokens: int | None = None,
     ) -> Handle:
         """Queue a turn: prefill `tokens` into the session, then generate under `params` (None: prefill only).
 
         A new session id opens a session; None opens an ephemeral one, dropped after the turn. A full
         queue or a busy session ends the stream at once with an error event ('queue_full', 'session_busy').
         `rebuild` recreates a session whose KV is gone (another process, a restart) from its sinks and
-        tail before the turn's tokens; a session the engine still holds ignores it.
+        tail before the turn's tokens; a session the engine still holds ignores it. `sink_tokens` sets a
+        new session's sink count (a pinned system prompt), taken from the window; ignored afterwards.
         """
         if not tokens:
             raise ValueError("a turn needs at least one new token")
+        cap = self.config.cache.capacity
+        if sink_tokens is not None and not 0 <= sink_tokens < cap:
+            raise ValueError(f"sink_tokens must be in [0, {cap - 1}], got {sink_tokens}")
         stream = RequestStream(loop)
         request_id = f"req-{uuid.uuid4().hex[:16]}"
         sampler = (
@@ -107,7 +112,7 @@ class Engine:
 
         def add() -> None:
             sid = session_id or f"tmp-{request_id}"
-            session = self.scheduler.session(sid, ephemeral=session_id is None)
+            session = self.scheduler.session(sid, ephemeral=session_id is None, sink_tokens=sink_tokens)
             req = Request(session, list(tokens), params, sampler, stream, detok, id=request_id)
             if rebuild is not None and session.tokens_seen == 0 and session.request is None:
                 req.prompt = [*rebuild.sinks, *rebuild.tail, *tokens]

@@ -48,12 +48,17 @@ class Scheduler:
         self.offloads = 0
 
     # -- queues ----------------------------------------------------------------------------------
-    def session(self, session_id: str, ephemeral: bool = False) -> Session:
-        if session_id not in self.sessions:
-            self.sessions[session_id] = Session(
-                session_id, self.cache.sink_tokens, self.cache.window, ephemeral=ephemeral
-            )
-        return self.sessions[session_id]
+    def session(self, session_id: str, ephemeral: bool = False, sink_tokens: int | None = None) -> Session:
+        """The session of that id, created on first use; `sink_tokens` (fixed while it holds no tokens)
+        widens its sinks, e.g. to pin a system prompt, at the window's expense."""
+        s = self.sessions.get(session_id)
+        if s is None or (s.tokens_seen == 0 and s.request is None and sink_tokens is not None):
+            sinks = self.cache.sink_tokens if sink_tokens is None else sink_tokens
+            if not 0 <= sinks < self.cache.capacity:
+                raise ValueError(f"sink_tokens must be in [0, {self.cache.capacity - 1}], got {sinks}")
+            s = Session(session_id, sinks, self.cache.capacity - sinks, ephemeral=ephemeral)
+            self.sessions[session_id] = s
+        return s
 
     def add(self, request: Request) -> None:
         if request.session.request is not None:
@@ -108,11 +113,11 @@ class Scheduler:
         chunks = tuple(self._chunk(w) for w in work)
         return BatchPlan(chunks, tuple(offload), tuple(restore), tuple(clear)), work
 
-    @staticmethod
-    def _chunk(w: Scheduled) -> SeqChunk:
+    def _chunk(self, w: Scheduled) -> SeqChunk:
         s = w.request.session
         assert s.slot is not None, "running requests hold a slot"
-        return SeqChunk(s.slot, s.tokens_seen, w.tokens, "last" if w.sample else "none")
+        sinks = None if s.sink_tokens == self.cache.sink_tokens else s.sink_tokens
+        return SeqChunk(s.slot, s.tokens_seen, w.tokens, "last" if w.sample else "none", sinks)
 
     def _admit(
         self, offload: list[tuple[str, int]], restore: list[tuple[str, int]], clear: list[int]

@@ -66,3 +66,34 @@ def test_position_precision_after_4m_tokens(model, monkeypatch):
     drifted = stream_logits(make_runner(model, S, W), tokens, chunk=3, offset=offset)
     assert (drifted - expected).abs().max() > 1e-2
     assert positions.rope_cos_sin is not fp32_angles
+
+
+def test_per_session_sinks_in_one_batch(model):
+    """A session with widened sinks (a pinned system prompt) and one with the pool's default decode in
+    the same forward, each equal to the reference with its own sinks and window."""
+    from streaming_core.batch import BatchPlan, SeqChunk
+
+    runner = make_runner(model, S, W)
+    wide = 11
+    a = torch.randint(0, 128, (3 * CAP,), generator=torch.Generator().manual_seed(5)).tolist()
+    b = torch.randint(0, 128, (3 * CAP,), generator=torch.Generator().manual_seed(6)).tolist()
+    got_a, got_b = [], []
+    for t in range(3 * CAP):
+        out = runner.run(
+            BatchPlan((SeqChunk(0, t, (a[t],), "last"), SeqChunk(1, t, (b[t],), "last", sinks=wide)))
+        )
+        got_a.append(out.logits[0])
+        got_b.append(out.logits[1])
+    torch.testing.assert_close(torch.cat(got_a), reference_logits(model, a, S, W), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.cat(got_b), reference_logits(model, b, wide, CAP - wide), atol=1e-4, rtol=1e-4
+    )
+    # chunked prefill honours the widened sinks too
+    chunked = make_runner(model, S, W)
+    rows = [
+        chunked.run(BatchPlan((SeqChunk(2, i, tuple(b[i : i + 9]), "all", sinks=wide),))).logits[0]
+        for i in range(0, 3 * CAP, 9)
+    ]
+    torch.testing.assert_close(
+        torch.cat(rows), reference_logits(model, b, wide, CAP - wide), atol=1e-4, rtol=1e-4
+    )
