@@ -20,8 +20,8 @@ import math
 import torch
 
 
-def ring_index(t: torch.Tensor, sink_tokens: int, window: int) -> torch.Tensor:
-    """Slot entry that stream token t is written to."""
+def ring_index(t: torch.Tensor, sink_tokens: int | torch.Tensor, window: int | torch.Tensor) -> torch.Tensor:
+    """Slot entry that stream token t is written to (sinks and window may be per-row tensors)."""
     return torch.where(t < sink_tokens, t, sink_tokens + (t - sink_tokens).remainder(window))
 
 
