@@ -27,18 +27,24 @@ def loaded():
 
 def chat_tokens(tokenizer, question: str) -> list[int]:
     messages = [{"role": "user", "content": question}]
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    return list(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    )
 
 
 def hf_answer(loaded, tokens: list[int], n: int) -> list[int]:
     ids = torch.tensor([tokens])
-    out = loaded.hf_model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=loaded.tokenizer.eos_token_id)
+    out = loaded.hf_model.generate(
+        ids, max_new_tokens=n, do_sample=False, pad_token_id=loaded.tokenizer.eos_token_id
+    )
     return out[0, len(tokens) :].tolist()
 
 
 def test_greedy_chat_through_the_engine_equals_generate(loaded):
     eos = eos_token_ids(loaded.tokenizer, loaded.hf_config)
-    engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(cache=CacheConfig(4, 1020, num_slots=4)), eos)
+    engine = Engine(
+        loaded.model, loaded.tokenizer, EngineConfig(cache=CacheConfig(4, 1020, num_slots=4)), eos
+    )
     prompts = [chat_tokens(loaded.tokenizer, q) for q in QUESTIONS]
     params = SamplingParams(max_tokens=24, temperature=0)
     handles = [engine.submit(f"chat-{i}", p, params) for i, p in enumerate(prompts)]

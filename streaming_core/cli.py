@@ -1,0 +1,86 @@
+"""The `streamllm` console command.
+
+Each command lives in its own module, listed in COMMANDS, which exposes `GROUP` (a key of GROUPS, or
+None for a top-level command such as `serve`) and `add_parser(subparsers)`; the parser it adds sets
+`func=run(args) -> int` with `set_defaults`. Adding a command is one line here. A module that fails to
+import is reported on stderr and left out, so one missing dependency does not disable every command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .loader import LoadedModel
+
+GROUPS: dict[str, str] = {
+    "eval": "model quality evaluations (streaming perplexity)",
+    "bench": "benchmarks (latency, memory, throughput)",
+}
+COMMANDS: list[str] = [
+    "streaming_core.evaluation.ppl",
+    "streaming_core.bench.latency",
+    "streaming_core.bench.decode",
+    "streaming_core.bench.session_memory",
+    "server.cli_serve",
+    "server.client.chat",
+    "server.client.bench_multiturn",
+    "server.client.bench_serve",
+]
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--model/--device/--dtype, shared by every command that loads a model."""
+    parser.add_argument(
+        "--model",
+        default="default",
+        help="'default' (embedded SmolLM2-135M-Instruct), a transformers dir or a .gguf",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ..."
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bf16 on CUDA, fp32 on CPU",
+    )
+
+
+def model_from_args(args: argparse.Namespace) -> LoadedModel:
+    from .loader import load_model, resolve_device_dtype
+
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    return load_model(args.model, dtype=dtype, device=str(device))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamllm", description="StreamingLLM: attention sinks + sliding window KV"
+    )
+    top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, help_text in GROUPS.items():
+        group = top.add_parser(name, help=help_text, description=help_text)
+        groups[name] = group.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+    for module_name in COMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:  # a missing optional dependency must not take the other commands down
+            print(f"streamllm: commands of {module_name} unavailable: {exc}", file=sys.stderr)
+            continue
+        module.add_parser(groups[module.GROUP] if module.GROUP else top)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

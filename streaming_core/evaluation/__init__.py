@@ -1,0 +1,1 @@
+"""Model-quality evaluations behind `streamllm eval ...`."""
