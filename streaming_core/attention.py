@@ -66,6 +66,7 @@ class _Prefill:
     row0: int
     slot: int
     sinks: int
+    empty: bool  # the slot holds nothing yet: skip scoring its (all masked) entries
     cache_bias: torch.Tensor  # [kvh|1, g|1, C, cap]
     chunk_bias: torch.Tensor  # [kvh|1, g|1, C, C]
     chunk_is_sink: torch.Tensor  # [C] keys of the chunk that are sinks (scored with the sink query)
@@ -154,6 +155,7 @@ class StepContext:
             row0=row0,
             slot=c.slot,
             sinks=S,
+            empty=bool((pos < 0).all()),
             cache_bias=self._heads_bias(dist_c, valid_c),
             chunk_bias=self._heads_bias(dist_n, valid_n),
             chunk_is_sink=is_sink,
@@ -218,16 +220,21 @@ class StepContext:
         qw = q_w.view(C, kvh, g, hd).permute(1, 2, 0, 3)  # [kvh, g, C, hd]
         qs = q_s.view(C, kvh, g, hd).permute(1, 2, 0, 3)
         kn, vn = k.transpose(0, 1), v.transpose(0, 1)  # [kvh, C, hd]
-        sc_cache = torch.matmul(qw, Kc[:, None].transpose(-1, -2))  # [kvh, g, C, cap]
         sc_chunk = torch.matmul(qw, kn[:, None].transpose(-1, -2))  # [kvh, g, C, C]
         if S > 0 and self.rope is not None:
-            sc_cache[..., :S] = torch.matmul(qs, Kc[:, None, :S].transpose(-1, -2))
             sink_sc = torch.matmul(qs, kn[:, None].transpose(-1, -2))
             sc_chunk = torch.where(m.chunk_is_sink, sink_sc, sc_chunk)
-        scores = torch.cat((sc_cache.float() + m.cache_bias, sc_chunk.float() + m.chunk_bias), dim=-1)
-        probs = torch.softmax(scores, dim=-1).to(Vc.dtype)  # [kvh, g, C, cap + C]
-        cap = Kc.shape[1]
-        out = torch.matmul(probs[..., :cap], Vc[:, None]) + torch.matmul(probs[..., cap:], vn[:, None])
+        if m.empty:
+            probs = torch.softmax(sc_chunk.float() + m.chunk_bias, dim=-1).to(vn.dtype)  # [kvh, g, C, C]
+            out = torch.matmul(probs, vn[:, None])
+        else:
+            sc_cache = torch.matmul(qw, Kc[:, None].transpose(-1, -2))  # [kvh, g, C, cap]
+            if S > 0 and self.rope is not None:
+                sc_cache[..., :S] = torch.matmul(qs, Kc[:, None, :S].transpose(-1, -2))
+            scores = torch.cat((sc_cache.float() + m.cache_bias, sc_chunk.float() + m.chunk_bias), dim=-1)
+            probs = torch.softmax(scores, dim=-1).to(Vc.dtype)  # [kvh, g, C, cap + C]
+            cap = Kc.shape[1]
+            out = torch.matmul(probs[..., :cap], Vc[:, None]) + torch.matmul(probs[..., cap:], vn[:, None])
         pool.k[layer, m.slot, :, m.write_entries] = kn[:, m.write_rows]
         pool.v[layer, m.slot, :, m.write_entries] = vn[:, m.write_rows]
         return out.permute(2, 0, 1, 3).reshape(C, H, hd)  # [C, H, hd]
