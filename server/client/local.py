@@ -1,0 +1,60 @@
+"""Start a local `streamllm serve` in a subprocess when a client command is given no --base-url."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def local_server(
+    base_url: str | None, config: str | None = None, env: dict[str, str] | None = None, timeout: float = 180.0
+) -> Iterator[str]:
+    """Yield `base_url` as is, or start a server on a free port, wait for /health, and stop it afterwards."""
+    if base_url:
+        yield base_url.rstrip("/")
+        return
+    port = free_port()
+    cmd = [sys.executable, "-m", "streaming_core.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    if config:
+        cmd += ["--config", config]
+    log = Path(os.environ.get("STREAMLLM_DATA_DIR", ".")) / f"serve-{port}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(url, proc, timeout, log)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}; see {log}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"the server at {url} was not ready after {timeout:.0f} s; see {log}")

@@ -1,0 +1,293 @@
+"""ConversationManager: the API the HTTP layer calls to turn requests into engine turns on persistent sessions.
+
+Semantics
+- No session_id: the request is served statelessly (an ephemeral engine session, nothing stored, no id
+  returned). A session_id never seen before opens a session with that id (mode "new").
+- Sessions belong to their owner (sha256 of the API key, or "anonymous"); another owner's session id
+  answers 404 session_not_found, as if it did not exist.
+- One request at a time per session: a second one while a turn is planned or running gets 409 session_busy.
+  Every plan with a session_id must end in exactly one `commit` or `abandon`.
+- Chat, session_mode "auto" (default), decided by the message hash chain (chain.py):
+  * the messages start with the session's whole committed history -> "full": the history is verified
+    and only what follows the last committed reply is prefilled;
+  * they start with the session's first message but diverge (an edited or regenerated history, or a
+    resend of a shorter one) -> "rebuilt": the engine session is reset and the whole rendered history is
+    prefilled (cached_tokens 0); the session continues under the same id. Never silently mixed;
+  * otherwise -> "delta": the messages are new and appended (a client sending only each new turn; the
+    conversation can then outgrow any request).
+  session_mode "full" is "auto" without the fallbacks: a history that does not extend the session
+  answers 409 session_conflict. session_mode "delta" always appends.
+- The delta of a turn is rendered by the chat template (templates.py) so that, while the conversation fits
+  in the cache, the session's tokens equal the full rendered conversation's; a delta-only session renders
+  with a bounded stand-in context (the opening system message and the last exchange). A template that
+  re-renders earlier turns is rebuilt from the history in "full"/"auto" and refused (400
+  template_not_incremental) in "delta".
+- usage: prompt_tokens counts the whole stream the turn represents (committed tokens plus the new ones),
+  cached_tokens = prompt_tokens - the tokens actually prefilled (a rebuild prefills the sinks and the tail).
+- When the engine lacks a session Redis still has (restart, another replica), the plan carries
+  `rebuild` (sinks, tail, tokens_seen): the KV is recomputed and the counters go on.
+- pin_system_prompt: a session whose first turn opens with a system prompt (given, or injected by the
+  template) keeps the rendered head up to the first user content as sinks, so eviction never cuts it
+  (needs an engine whose submit takes sink_tokens; the wish is recorded as pin_tokens either way).
+- Completions (`plan_completion`) append raw text to a session's stream; a session is either a chat or a
+  completion stream, and the other endpoint answers 409 session_conflict.
+- Redis is written once per completed turn, whole. Its size per session is bounded whatever the
+  conversation's length; the hash chain is kept as first hash, last hash and length (see chain.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from streaming_core.engine import Engine, Handle
+from streaming_core.sampler import SamplingParams
+
+from .chain import normalize
+from .errors import ConversationError, invalid, session_busy, session_not_found
+from .plan import TurnPlan, TurnState
+from .planner import Planner
+from .store import SessionRecord, SessionStore
+from .templates import TemplateError
+
+__all__ = ["ConversationError", "ConversationManager", "TurnPlan", "TurnState"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+MODES = ("auto", "full", "delta")
+MAX_SESSION_ID = 256
+_CLOSE_WAIT_S = 5.0
+
+
+def default_replica_id() -> str:
+    return os.environ.get("STREAMLLM_REPLICA_ID") or socket.gethostname()
+
+
+class ConversationManager:
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Any,
+        store: SessionStore,
+        *,
+        model_name: str,
+        pin_system_prompt: bool = True,
+        replica_id: str | None = None,
+    ) -> None:
+        self.engine, self.tokenizer, self.store = engine, tokenizer, store
+        self.model_name, self.replica_id = model_name, replica_id or default_replica_id()
+        self.supports_sinks = "sink_tokens" in inspect.signature(engine.submit).parameters
+        self.planner = Planner(
+            tokenizer,
+            engine.config.cache,
+            pin_system_prompt=pin_system_prompt,
+            supports_sinks=self.supports_sinks,
+            model_name=model_name,
+            replica_id=self.replica_id,
+        )
+        self._busy: set[str] = set()
+
+    # -- planning ----------------------------------------------------------------------------------
+    async def plan_chat(
+        self, owner: str, session_id: str | None, messages: list[dict[str, Any]], mode: str = "auto"
+    ) -> TurnPlan:
+        if mode not in MODES:
+            raise invalid(f"session_mode must be one of {', '.join(MODES)}, got {mode!r}", "session_mode")
+        msgs = normalize(messages)
+        if not msgs:
+            raise invalid("messages must not be empty", "messages")
+        if session_id is None:
+            return await self._run(self.planner.fresh_chat, owner, None, msgs, None, "stateless")
+
+        async def plan() -> TurnPlan:
+            assert session_id is not None
+            record = await self._owned(owner, session_id)
+            live = await self._live(session_id, record)
+            turn = await self._run(self.planner.chat, owner, session_id, msgs, mode, record, live)
+            if live and turn.mode == "rebuilt":
+                await asyncio.to_thread(self.engine.close_session, session_id)
+            return turn
+
+        return await self._claimed(session_id, plan)
+
+    async def plan_completion(self, owner: str, session_id: str | None, prompt: str) -> TurnPlan:
+        if session_id is None:
+            return await self._run(self.planner.completion, owner, None, prompt, None, False)
+
+        async def plan() -> TurnPlan:
+            assert session_id is not None
+            record = await self._owned(owner, session_id)
+            live = await self._live(session_id, record)
+            return await self._run(self.planner.completion, owner, session_id, prompt, record, live)
+
+        return await self._claimed(session_id, plan)
+
+    def submit(
+        self, plan: TurnPlan, params: SamplingParams | None, loop: asyncio.AbstractEventLoop | None = None
+    ) -> Handle:
+        """engine.submit for a plan, with the pinned sink count when the engine takes one."""
+        extra: dict[str, Any] = {}
+        if plan.sink_tokens is not None and self.supports_sinks:
+            extra["sink_tokens"] = plan.sink_tokens
+        handle = self.engine.submit(
+            plan.session_id, plan.tokens, params, loop=loop, rebuild=plan.rebuild, **extra
+        )
+        plan.request_id = handle.request_id
+        return handle
+
+    # -- after the turn ----------------------------------------------------------------------------
+    async def commit(self, plan: TurnPlan, reply_text: str, finish_reason: str) -> None:
+        """Persist a completed turn ('stop' or 'length'); any other finish is an abandon."""
+        sid = plan.session_id
+        if sid is None or plan.turn is None:
+            return
+        if finish_reason not in ("stop", "length"):
+            await self.abandon(plan)
+            return
+        try:
+            state = await asyncio.to_thread(self.engine.session_state, sid)
+            if state is None:
+                log.warning("session %s vanished from the engine before its turn was committed", sid)
+                return
+            record, trim = await self._run(self.planner.settle, plan, reply_text, state)
+            try:
+                await self.store.put(record)
+            except BaseException:
+                await self._close(sid, plan.request_id)
+                raise
+            if trim:
+                await self._drop_last(sid, trim)
+        finally:
+            self._busy.discard(sid)
+
+    async def abandon(self, plan: TurnPlan) -> None:
+        """The turn was aborted or failed: forget the engine's KV (it holds uncommitted tokens), so that the
+        next turn rebuilds from the last committed state in Redis, which this turn never touched."""
+        sid = plan.session_id
+        if sid is None:
+            return
+        try:
+            if not await self._untouched(plan):
+                await self._close(sid, plan.request_id)
+        finally:
+            self._busy.discard(sid)
+
+    # -- session resources -------------------------------------------------------------------------
+    async def get(self, owner: str, session_id: str) -> dict[str, Any] | None:
+        record = await self.store.get(session_id)
+        if record is None or record.owner != owner:
+            return None
+        return record.summary((await self._resident([session_id]))[session_id])
+
+    async def list(self, owner: str) -> list[dict[str, Any]]:
+        """The owner's sessions, most recently used first."""
+        ids = await self.store.ids(owner)
+        records = await self.store.get_many(ids)
+        await self.store.forget(owner, [sid for sid, r in zip(ids, records, strict=True) if r is None])
+        owned = sorted(
+            (r for r in records if r is not None and r.owner == owner),
+            key=lambda r: r.updated_at,
+            reverse=True,
+        )
+        resident = await self._resident([r.id for r in owned])
+        return [r.summary(resident[r.id]) for r in owned]
+
+    async def delete(self, owner: str, session_id: str) -> bool:
+        """Forget a session in Redis and in the engine; False if the owner has no such session."""
+        record = await self.store.get(session_id)
+        if record is None or record.owner != owner:
+            return False
+        if session_id in self._busy:
+            raise session_busy(session_id)
+        await self.store.delete(record)
+        await asyncio.to_thread(self.engine.close_session, session_id)
+        return True
+
+    # -- internals ---------------------------------------------------------------------------------
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Planner work in a thread; a template that rejects the messages is the client's 400."""
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except TemplateError as e:
+            raise invalid(str(e), "messages", "template_error") from e
+
+    async def _claimed(self, session_id: str, plan: Callable[[], Any]) -> TurnPlan:
+        """Plan under the session's claim, which commit or abandon releases (or a failed plan, here)."""
+        if not session_id or len(session_id) > MAX_SESSION_ID:
+            raise invalid(f"session_id must have 1 to {MAX_SESSION_ID} characters", "session_id")
+        if session_id in self._busy:
+            raise session_busy(session_id)
+        self._busy.add(session_id)
+        try:
+            result: TurnPlan = await plan()
+        except BaseException:
+            self._busy.discard(session_id)
+            raise
+        return result
+
+    async def _owned(self, owner: str, session_id: str) -> SessionRecord | None:
+        record = await self.store.get(session_id)
+        if record is not None and record.owner != owner:
+            raise session_not_found(session_id)
+        return record
+
+    async def _live(self, session_id: str, record: SessionRecord | None) -> bool:
+        """Whether the engine holds this session's KV as Redis describes it; a stale copy is closed."""
+        stats = await asyncio.to_thread(self.engine.stats, session_id)
+        if stats is None:
+            return False
+        if stats.busy:
+            raise session_busy(session_id)
+        if (
+            record is not None
+            and record.replica == self.replica_id
+            and record.tokens_seen == stats.tokens_seen
+        ):
+            return True
+        await asyncio.to_thread(self.engine.close_session, session_id)
+        return False
+
+    async def _untouched(self, plan: TurnPlan) -> bool:
+        """The engine still holds the session exactly as committed (the turn was refused before it
+        consumed anything, e.g. queue_full): keep it rather than force a rebuild."""
+        assert plan.session_id is not None
+        record = plan.turn.record if plan.turn else None
+        if record is None or plan.rebuild is not None or plan.mode == "rebuilt":
+            return False
+        stats = await asyncio.to_thread(self.engine.stats, plan.session_id)
+        return stats is not None and not stats.busy and stats.tokens_seen == record.tokens_seen
+
+    async def _close(self, session_id: str, request_id: str | None) -> None:
+        """Close the engine session once its request (aborted here if still running) has ended."""
+        deadline = asyncio.get_running_loop().time() + _CLOSE_WAIT_S
+        while not await asyncio.to_thread(self.engine.close_session, session_id):
+            stats = await asyncio.to_thread(self.engine.stats, session_id)
+            if stats is None:
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                log.warning("session %s still busy: its KV was not dropped", session_id)
+                return
+            if request_id is not None:
+                self.engine.abort(request_id)
+            await asyncio.sleep(0.02)
+
+    async def _drop_last(self, session_id: str, n: int) -> None:
+        """Drop the KV's last n tokens: cheaply if the engine can truncate, else by closing the session
+        (the next turn rebuilds it from the trimmed record)."""
+        truncate = getattr(self.engine, "truncate", None)
+        if truncate is not None and await asyncio.to_thread(truncate, session_id, n):
+            return
+        await asyncio.to_thread(self.engine.close_session, session_id)
+
+    async def _resident(self, session_ids: Sequence[str]) -> dict[str, bool]:
+        sessions = self.engine.scheduler.sessions
+        future = self.engine.call(lambda: {sid: sid in sessions for sid in session_ids})
+        with contextlib.suppress(Exception):
+            return await asyncio.wrap_future(future)
+        return dict.fromkeys(session_ids, False)

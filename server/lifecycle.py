@@ -1,0 +1,189 @@
+"""Startup, readiness and graceful shutdown of one app.
+
+Startup runs in the background so that the port answers at once: /health and /v1 say 503 until the model
+is loaded, Redis is connected and the engine loop runs. Shutdown first refuses new requests (503), gives
+in-flight turns `shutdown_grace_seconds` to finish, aborts the rest (their streams end with an error
+event), waits for every turn to be committed or abandoned, then stops the engine and Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from streaming_core.engine import Engine, build_engine
+from streaming_core.loader import DEFAULT_GGUF
+
+from .conversation.manager import ConversationManager
+from .conversation.store import SessionStore
+from .logprobs import TokenText
+from .metrics import Metrics
+from .redis_embedded import EmbeddedRedis
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from .turn import Turn
+
+log = logging.getLogger(__name__)
+
+
+def served_model_name(settings: Settings) -> str:
+    """The model id clients use: the configured one, else the loaded model's name."""
+    if settings.model_name:
+        return settings.model_name
+    source = settings.engine.model
+    if source == "default":
+        return DEFAULT_GGUF.split(".")[0]
+    path = Path(source)
+    return path.stem if path.suffix == ".gguf" else path.resolve().name
+
+
+@dataclass
+class Serving:
+    """What requests use once the server is ready."""
+
+    settings: Settings
+    engine: Engine
+    manager: ConversationManager
+    metrics: Metrics
+    model_name: str
+    token_text: TokenText
+    created: int = field(default_factory=lambda: int(time.time()))
+    inflight: set[Turn] = field(default_factory=set)
+    """Turns submitted and not yet committed or abandoned."""
+    cleanups: set[asyncio.Task[None]] = field(default_factory=set)
+    """Background settlements of turns whose client went away."""
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """system_fingerprint: changes when the model or the engine configuration does."""
+        key = f"{self.model_name}|{self.settings.engine}"
+        return "fp_" + hashlib.sha256(key.encode()).hexdigest()[:10]
+
+    @property
+    def eos(self) -> set[int]:
+        return self.engine.eos
+
+    def session_id_ok(self, session_id: str) -> bool:
+        return re.fullmatch(self.settings.server.session_id_pattern, session_id) is not None
+
+    def background(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run a settlement coroutine that must outlive the request that started it."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.cleanups.add(task)
+        task.add_done_callback(self.cleanups.discard)
+        return task
+
+
+class Lifecycle:
+    """The app's state machine: starting -> ready -> draining -> stopped (or failed at startup)."""
+
+    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self._given_engine = engine
+        self.owners = frozenset(hashlib.sha256(k.encode()).hexdigest() for k in settings.api_key_list())
+        """sha256 of each accepted API key: the owner ids sessions are filed under."""
+        self.serving: Serving | None = None
+        self.failed: str | None = None
+        self.draining = False
+        self.stopped = False
+        self._startup: asyncio.Task[None] | None = None
+        self._redis: Any = None
+        self._embedded: EmbeddedRedis | None = None
+
+    @property
+    def state(self) -> str:
+        if self.stopped:
+            return "stopped"
+        if self.failed:
+            return "failed"
+        if self.draining:
+            return "draining"
+        return "ready" if self.serving is not None else "starting"
+
+    def start(self) -> None:
+        self._startup = asyncio.get_running_loop().create_task(self._start())
+
+    async def _start(self) -> None:
+        try:
+            settings = self.settings
+            engine = self._given_engine
+            if engine is None:
+                engine = await asyncio.to_thread(build_engine, settings.engine, settings.data_dir)
+            redis = await self._connect_redis()
+            name = served_model_name(settings)
+            store = SessionStore(redis, ttl_seconds=settings.server.session_ttl_seconds)
+            manager = ConversationManager(
+                engine,
+                engine.tokenizer,
+                store,
+                model_name=name,
+                pin_system_prompt=settings.server.pin_system_prompt,
+            )
+            metrics = Metrics(name)
+            engine.on_step = metrics.on_step
+            engine.start()
+            self.serving = Serving(settings, engine, manager, metrics, name, TokenText(engine.tokenizer))
+            log.info("ready: serving %s", name)
+        except Exception as e:
+            log.exception("startup failed")
+            self.failed = f"{type(e).__name__}: {e}"
+
+    async def _connect_redis(self) -> Any:
+        from redis.asyncio import Redis
+
+        url = self.settings.redis_url
+        if url is None:
+            self._embedded = EmbeddedRedis(self.settings.data_dir)
+            url = await asyncio.to_thread(self._embedded.start)
+        assert url is not None
+        self._redis = Redis.from_url(url)
+        await self._redis.ping()
+        return self._redis
+
+    def begin_drain(self) -> None:
+        """Refuse new requests from now on (idempotent)."""
+        self.draining = True
+
+    async def drain(self) -> None:
+        """Let in-flight turns finish within the grace period, then abort them and wait for their settlement."""
+        self.begin_drain()
+        serving = self.serving
+        if serving is None:
+            return
+        grace = self.settings.server.shutdown_grace_seconds
+        await _wait_until(lambda: not serving.inflight, grace)
+        for turn in list(serving.inflight):
+            turn.interrupt(shutdown=True)
+        await _wait_until(lambda: not serving.inflight and not serving.cleanups, 30.0)
+        if serving.cleanups:
+            await asyncio.gather(*serving.cleanups, return_exceptions=True)
+
+    async def stop(self) -> None:
+        """Drain, then stop the engine loop and Redis (lifespan shutdown)."""
+        if self._startup is not None and not self._startup.done():
+            self._startup.cancel()
+        await self.drain()
+        engine = self.serving.engine if self.serving else self._given_engine
+        if engine is not None:
+            await asyncio.to_thread(engine.stop)
+        if self._redis is not None:
+            await self._redis.aclose()
+        if self._embedded is not None:
+            await asyncio.to_thread(self._embedded.stop)
+        self.stopped = True
+        log.info("stopped")
+
+
+async def _wait_until(done: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)

@@ -1,0 +1,103 @@
+"""Prometheus metrics in vLLM's naming style (`streamllm:` prefix), one registry per app.
+
+Request timings (TTFT, inter-token latency, end to end) are measured where the client sees them, in the
+request's own coroutine; engine state (queues, KV slot use, offloads, token counts) is sampled by the
+engine's `on_step` hook on its loop thread.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from streaming_core.engine import Engine
+from streaming_core.scheduler import Scheduled
+
+_LATENCY = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
+_E2E = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0)
+
+
+class Metrics:
+    """The app's metric families; `render()` is the /metrics body."""
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        labels = ["model_name"]
+        r = self.registry
+        self.ttft = Histogram(
+            "streamllm:time_to_first_token_seconds",
+            "Time to first token.",
+            labels,
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "streamllm:inter_token_latency_seconds",
+            "Time between consecutive tokens.",
+            labels,
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "streamllm:e2e_request_latency_seconds",
+            "End-to-end request latency.",
+            labels,
+            buckets=_E2E,
+            registry=r,
+        )
+        self.running = Gauge(
+            "streamllm:num_requests_running", "Requests in the running batch.", labels, registry=r
+        )
+        self.waiting = Gauge(
+            "streamllm:num_requests_waiting", "Requests waiting for a slot.", labels, registry=r
+        )
+        self.slots = Gauge(
+            "streamllm:kv_slot_usage_perc", "Fraction of KV pool slots in use.", labels, registry=r
+        )
+        self.sessions = Gauge("streamllm:num_sessions", "Sessions the engine holds.", labels, registry=r)
+        self.offloads = Counter("streamllm:kv_offloads", "Session KV offloads to host.", labels, registry=r)
+        self.rebuilds = Counter(
+            "streamllm:session_rebuilds", "Sessions rebuilt from Redis.", labels, registry=r
+        )
+        self.prompt_tokens = Counter("streamllm:prompt_tokens", "Prefilled tokens.", labels, registry=r)
+        self.generation_tokens = Counter(
+            "streamllm:generation_tokens", "Generated tokens.", labels, registry=r
+        )
+        self.finished = Counter(
+            "streamllm:request_success",
+            "Finished requests by finish reason.",
+            ["model_name", "finished_reason"],
+            registry=r,
+        )
+        self._offloads_seen = 0
+        families: list[Histogram | Gauge | Counter] = [
+            *(self.ttft, self.itl, self.e2e, self.running, self.waiting, self.slots, self.sessions),
+            *(self.offloads, self.rebuilds, self.prompt_tokens, self.generation_tokens),
+        ]
+        for family in families:
+            family.labels(model_name)  # every series exists from the first scrape, at zero
+        for reason in ("stop", "length", "abort", "error"):
+            self.finished.labels(model_name, reason)
+
+    def on_step(self, engine: Engine, work: list[Scheduled]) -> None:
+        """Engine hook (loop thread): queue sizes, slot use and token counts after each step."""
+        s, name = engine.scheduler, self.model_name
+        self.running.labels(name).set(len(s.running))
+        self.waiting.labels(name).set(len(s.waiting))
+        slots = s.cache.num_slots
+        self.slots.labels(name).set((slots - len(s.free_slots)) / slots)
+        self.sessions.labels(name).set(len(s.sessions))
+        if s.offloads > self._offloads_seen:
+            self.offloads.labels(name).inc(s.offloads - self._offloads_seen)
+            self._offloads_seen = s.offloads
+        prefilled = sum(len(w.tokens) for w in work if not w.decode)
+        generated = sum(1 for w in work if w.sample and w.request.params is not None)
+        self.prompt_tokens.labels(name).inc(prefilled)
+        self.generation_tokens.labels(name).inc(generated)
+
+    def request_done(self, reason: str, e2e: float) -> None:
+        self.finished.labels(self.model_name, reason).inc()
+        self.e2e.labels(self.model_name).observe(e2e)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
