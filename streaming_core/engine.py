@@ -24,6 +24,7 @@ from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .kv_pool import KVPool
 from .models import DecoderModel
+from .positions import ring_index
 from .runner import ModelRunner
 from .sampler import RequestSampler, SamplingParams, sample
 from .scheduler import QueueFull, Scheduled, Scheduler, SessionBusy
@@ -48,8 +49,6 @@ class Rebuild:
     def __post_init__(self) -> None:
         if self.tokens_seen < len(self.sinks) + len(self.tail):
             raise ValueError("tokens_seen is smaller than the sinks plus the tail")
-        if self.tail and not self.sinks:
-            raise ValueError("a tail without sinks")
 
 
 @dataclass(frozen=True)
@@ -185,6 +184,26 @@ class Engine:
 
         return self.call(close).result()
 
+    def truncate(self, session_id: str, n: int) -> bool:
+        """Drop an idle resident session's last n consumed window tokens (n <= its tail); False if not possible.
+
+        Used when a turn's last tokens differ from the conversation's canonical tokenization. Tokens
+        that those n had already evicted do not come back: the window holds n fewer until refilled.
+        """
+
+        def cut() -> bool:
+            s = self.scheduler.sessions.get(session_id)
+            if s is None or s.request is not None or s.slot is None or not 0 <= n <= len(s.tail):
+                return False
+            dropped = torch.arange(s.tokens_seen - n, s.tokens_seen)
+            self.runner.forget(s.slot, ring_index(dropped, s.sink_tokens, s.window))
+            for _ in range(n):
+                s.tail.pop()
+            s.tokens_seen -= n
+            return True
+
+        return self.call(cut).result()
+
     def offload(self, session_id: str) -> None:
         """Move an idle session's KV to host memory now (otherwise it happens LRU when slots run out)."""
 
@@ -277,7 +296,7 @@ class Engine:
         assert params is not None and detok is not None
         req.generated.append(token)
         if (token in self.eos and not params.ignore_eos) or token in params.stop_token_ids:
-            self._finish(req, "stop", token=token, logprob=logprob, top=top)
+            self._finish(req, "stop", token=token, text=detok.flush(), logprob=logprob, top=top)
             return
         text = detok.add(token)
         if detok.stopped:

@@ -53,6 +53,10 @@ class ModelRunner:
         for sid in plan.drop:
             self.host.pop(sid, None)
 
+    def forget(self, slot: int, entries: torch.Tensor) -> None:
+        """Mark slot entries empty: their tokens no longer count as consumed."""
+        self.pool.pos[slot, entries.to(self.device)] = -1
+
     @staticmethod
     def _logit_rows(chunks: list[SeqChunk]) -> tuple[list[int], dict[int, tuple[int, int]]]:
         """Hidden rows that need logits, and for each chunk its span in the gathered rows."""

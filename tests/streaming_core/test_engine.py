@@ -254,3 +254,28 @@ def test_rebuild_after_eviction_keeps_counts_and_is_the_shifted_stream(model):
     got = [e.token for e in h.stream if e.token is not None]
     assert rebuilt.stats("s").tokens_seen == seen + len(follow) + len(got) - 1
     assert got == generate(make_engine(model), None, sinks + tail + follow)
+
+
+def test_truncate_equals_never_having_fed_the_tokens(model):
+    """While nothing was evicted, dropping the last n tokens leaves exactly the shorter stream."""
+    head, extra, follow = prompt(12, 31), prompt(5, 32), prompt(4, 33)
+    engine = make_engine(model)
+    generate(engine, "s", head + extra, SamplingParams(max_tokens=1, temperature=0))
+    assert engine.truncate("s", len(extra))
+    assert engine.stats("s").tokens_seen == len(head)
+    assert generate(engine, "s", follow) == generate(make_engine(model), None, head + follow)
+    assert not engine.truncate("s", 10_000)
+    assert not engine.truncate("missing", 1)
+
+
+def test_stop_token_flushes_held_back_text(model):
+    """Text held back as a possible stop-string prefix is released when generation ends on a stop id."""
+    engine = make_engine(model)
+    free = generate(engine, None, prompt(10, 3))
+    held = f" w{free[2]}"
+    params = SamplingParams(max_tokens=12, temperature=0, stop=(held + " never",), stop_token_ids=(free[3],))
+    h = engine.submit(None, prompt(10, 3), params)
+    engine.run_until_done(h)
+    events = list(h.stream)
+    assert events[-1].finish_reason == "stop"
+    assert "".join(e.text for e in events) == "".join(f" w{t}" for t in free[:3])  # the stop id adds no text
