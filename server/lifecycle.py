@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 from streaming_core.engine import Engine, build_engine
 from streaming_core.loader import DEFAULT_GGUF
 
-from .conversation.manager import ConversationManager
+from .conversation.manager import ConversationManager, default_replica_id
+from .conversation.replicas import Replicas
 from .conversation.store import SessionStore
 from .logprobs import TokenText
 from .metrics import Metrics
@@ -98,6 +99,7 @@ class Lifecycle:
         self._startup: asyncio.Task[None] | None = None
         self._redis: Any = None
         self._embedded: EmbeddedRedis | None = None
+        self._replicas: Replicas | None = None
 
     @property
     def state(self) -> str:
@@ -121,14 +123,20 @@ class Lifecycle:
             redis = await self._connect_redis()
             name = served_model_name(settings)
             store = SessionStore(redis, ttl_seconds=settings.server.session_ttl_seconds)
+            lease_ms = int(settings.server.replica_lease_seconds * 1000)
+            self._replicas = Replicas(redis, default_replica_id(), lease_ms=lease_ms)
             manager = ConversationManager(
                 engine,
                 engine.tokenizer,
                 store,
                 model_name=name,
                 pin_system_prompt=settings.server.pin_system_prompt,
+                replica_id=self._replicas.replica_id,
+                replicas=self._replicas,
             )
             metrics = Metrics(name)
+            self._replicas.on_move = lambda kind: metrics.moves.labels(name, kind).inc()
+            await self._replicas.start()
             engine.on_step = metrics.on_step
             engine.start()
             self.serving = Serving(settings, engine, manager, metrics, name, TokenText(engine.tokenizer))
@@ -175,6 +183,8 @@ class Lifecycle:
         engine = self.serving.engine if self.serving else self._given_engine
         if engine is not None:
             await asyncio.to_thread(engine.stop)
+        if self._replicas is not None:
+            await self._replicas.stop()
         if self._redis is not None:
             await self._redis.aclose()
         if self._embedded is not None:

@@ -59,6 +59,13 @@ class Metrics:
         self.rebuilds = Counter(
             "streamllm:session_rebuilds", "Sessions rebuilt from Redis.", labels, registry=r
         )
+        self.moves = Counter(
+            "streamllm:session_moves",
+            "Sessions continued on this replica after another held them (migration: its lease was alive; "
+            "takeover: it had expired).",
+            ["model_name", "kind"],
+            registry=r,
+        )
         self.prompt_tokens = Counter("streamllm:prompt_tokens", "Prefilled tokens.", labels, registry=r)
         self.generation_tokens = Counter(
             "streamllm:generation_tokens", "Generated tokens.", labels, registry=r
@@ -78,6 +85,8 @@ class Metrics:
             family.labels(model_name)  # every series exists from the first scrape, at zero
         for reason in ("stop", "length", "abort", "error"):
             self.finished.labels(model_name, reason)
+        for kind in ("migration", "takeover"):
+            self.moves.labels(model_name, kind)
 
     def on_step(self, engine: Engine, work: list[Scheduled]) -> None:
         """Engine hook (loop thread): queue sizes, slot use and token counts after each step."""

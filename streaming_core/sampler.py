@@ -175,14 +175,42 @@ def _penalize(logits: torch.Tensor, requests: Sequence[RequestSampler]) -> torch
 
 
 def _draw(logits: torch.Tensor, requests: Sequence[RequestSampler]) -> torch.Tensor:
-    """Penalized logits [B, V] -> sampled token ids [B] after temperature, top-k and top-p."""
+    """Penalized logits [B, V] -> sampled token ids [B] after temperature, top-k and top-p.
+
+    Rows without top-k/top-p draw by inverse CDF over the vocabulary as it is; rows with a filter
+    sort their row first. Which way a row goes depends only on its own parameters, so a seeded row
+    draws the same token whatever else is in the batch, and the common case skips a [B, V] sort.
+    """
+    v, dev = logits.shape[1], logits.device
+    uniforms = _column([0.0 if r.params.greedy else r.uniform() for r in requests], dev)  # [B, 1]
+    filtered = [(0 < r.params.top_k < v) or r.params.top_p < 1.0 for r in requests]
+    out = torch.empty(len(requests), dtype=torch.long, device=dev)  # [B]
+    for use_filters in (False, True):
+        rows = [i for i, f in enumerate(filtered) if f == use_filters]
+        if rows:
+            draw = _draw_sorted if use_filters else _draw_plain
+            idx = torch.tensor(rows, device=dev)
+            out[idx] = draw(logits[idx], [requests[i] for i in rows], uniforms[idx])
+    return out
+
+
+def _draw_plain(logits: torch.Tensor, requests: Sequence[RequestSampler], u: torch.Tensor) -> torch.Tensor:
+    temperature = _column([r.params.temperature or 1.0 for r in requests], logits.device)  # [B, 1]
+    probs = torch.softmax(logits / temperature, dim=-1)  # [B, V]
+    cdf = probs.cumsum(dim=-1)  # [B, V]
+    picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # [B, 1]
+    rank = torch.arange(logits.shape[1], device=logits.device)  # [V]
+    last_kept = torch.where(probs > 0, rank, 0).amax(dim=-1, keepdim=True)  # [B, 1]
+    return torch.minimum(picked, last_kept).squeeze(1)  # [B], rounding can put the target at cdf[-1]
+
+
+def _draw_sorted(logits: torch.Tensor, requests: Sequence[RequestSampler], u: torch.Tensor) -> torch.Tensor:
     params = [r.params for r in requests]
     v = logits.shape[1]
     dev = logits.device
     temperature = _column([p.temperature or 1.0 for p in params], dev)  # [B, 1]
     top_k = _column([p.top_k or v for p in params], dev)  # [B, 1]
     top_p = _column([p.top_p if p.top_p < 1.0 else float("inf") for p in params], dev)  # [B, 1]
-    # Always sorted, so that a row's draw never depends on which filters other rows of the batch use.
     scaled, order = torch.sort(logits / temperature, dim=-1, descending=True, stable=True)  # [B, V]
     rank = torch.arange(v, device=dev)  # [V]
     scaled = scaled.masked_fill(rank >= top_k, float("-inf"))  # [B, V]
@@ -190,9 +218,7 @@ def _draw(logits: torch.Tensor, requests: Sequence[RequestSampler]) -> torch.Ten
     mass_before = probs.cumsum(dim=-1) - probs  # [B, V]
     probs = probs.masked_fill(mass_before >= top_p, 0.0)  # [B, V], the first token always stays
     cdf = probs.cumsum(dim=-1)  # [B, V]
-    uniforms = _column([0.0 if r.params.greedy else r.uniform() for r in requests], dev)  # [B, 1]
-    target = uniforms * cdf[:, -1:]  # [B, 1]
-    picked = torch.searchsorted(cdf, target, right=True)  # [B, 1]
+    picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # [B, 1]
     last_kept = torch.where(probs > 0, rank, 0).amax(dim=-1, keepdim=True)  # [B, 1]
     picked = torch.minimum(picked, last_kept)  # [B, 1], rounding can put target at cdf[-1]
     return order.gather(1, picked).squeeze(1)  # [B]

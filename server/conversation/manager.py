@@ -53,6 +53,7 @@ from .chain import normalize
 from .errors import ConversationError, invalid, session_busy, session_not_found
 from .plan import TurnPlan, TurnState
 from .planner import Planner
+from .replicas import Replicas
 from .store import SessionRecord, SessionStore
 from .templates import TemplateError
 
@@ -79,8 +80,11 @@ class ConversationManager:
         model_name: str,
         pin_system_prompt: bool = True,
         replica_id: str | None = None,
+        replicas: Replicas | None = None,
     ) -> None:
         self.engine, self.tokenizer, self.store = engine, tokenizer, store
+        self.replicas = replicas
+        """Cross-replica leases and claims (replicas.py); None: this process is the only one."""
         self.model_name, self.replica_id = model_name, replica_id or default_replica_id()
         self.supports_sinks = "sink_tokens" in inspect.signature(engine.submit).parameters
         self.planner = Planner(
@@ -164,7 +168,7 @@ class ConversationManager:
             if trim:
                 await self._drop_last(sid, trim)
         finally:
-            self._busy.discard(sid)
+            await self._release(sid)
 
     async def abandon(self, plan: TurnPlan) -> None:
         """The turn was aborted or failed: forget the engine's KV (it holds uncommitted tokens), so that the
@@ -176,7 +180,7 @@ class ConversationManager:
             if not await self._untouched(plan):
                 await self._close(sid, plan.request_id)
         finally:
-            self._busy.discard(sid)
+            await self._release(sid)
 
     # -- session resources -------------------------------------------------------------------------
     async def get(self, owner: str, session_id: str) -> dict[str, Any] | None:
@@ -224,12 +228,20 @@ class ConversationManager:
         if session_id in self._busy:
             raise session_busy(session_id)
         self._busy.add(session_id)
+        if self.replicas is not None and not await self.replicas.claim(session_id):
+            self._busy.discard(session_id)
+            raise session_busy(session_id)
         try:
             result: TurnPlan = await plan()
         except BaseException:
-            self._busy.discard(session_id)
+            await self._release(session_id)
             raise
         return result
+
+    async def _release(self, session_id: str) -> None:
+        self._busy.discard(session_id)
+        if self.replicas is not None:
+            await self.replicas.release(session_id)
 
     async def _owned(self, owner: str, session_id: str) -> SessionRecord | None:
         record = await self.store.get(session_id)
@@ -239,6 +251,8 @@ class ConversationManager:
 
     async def _live(self, session_id: str, record: SessionRecord | None) -> bool:
         """Whether the engine holds this session's KV as Redis describes it; a stale copy is closed."""
+        if record is not None and record.replica and record.replica != self.replica_id and self.replicas:
+            await self.replicas.note_move(session_id, record.replica)
         stats = await asyncio.to_thread(self.engine.stats, session_id)
         if stats is None:
             return False

@@ -246,7 +246,7 @@ class Planner:
             tokens_seen=kept.tokens_seen,
             cache_tokens=len(kept.sinks) + len(kept.tail),
             sink_tokens=turn.sink_tokens,
-            window=self.cache.window,
+            window=self.cache.capacity - turn.sink_tokens,  # pinned sinks come out of the window
             pin_tokens=turn.pin_tokens,
             sinks=list(kept.sinks),
             tail=list(kept.tail),

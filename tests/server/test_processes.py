@@ -5,34 +5,20 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
-import subprocess
-import sys
 import uuid
 from argparse import Namespace
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
 from server.client.chat import Chat
-from server.client.local import free_port, wait_ready
 from streaming_core.cli import main
 
+from .processes import start_server
+
 pytestmark = pytest.mark.slow
-
-
-def start_server(tmp: Path, redis_url: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = {**os.environ, "REDIS_URL": redis_url, "STREAMLLM_ENGINE__CACHE__NUM_SLOTS": "4"}
-    log = tmp / f"serve-{port}.log"
-    cmd = [sys.executable, "-m", "streaming_core.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url, proc, 180, log)
-    return proc, url
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Reproduces the README's tables and plots into docs/figures/ (run on a quiet machine: timings are shared-CPU sensitive).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=docs/figures
+mkdir -p "$out"
+s=.venv/bin/streamllm
+books=../shared/data/books
+last() { tail -n 1 "$1.log" > "$1.json"; }
+
+if [ "${1:-all}" = all ] || [ "$1" = ppl ]; then
+  for book in pride_and_prejudice kalevala; do
+    $s eval ppl --text "$books/$book.txt" --modes dense,window,sink,recompute --sinks 4 --window 252 \
+      --max-tokens 2000 --recompute-chunk 16 --json --plot "$out/ppl_$book.png" | tee "$out/ppl_$book.log"
+    last "$out/ppl_$book"
+  done
+fi
+if [ "${1:-all}" = all ] || [ "$1" = engine ]; then
+  $s bench decode --batch-sizes 1,8,32 --tokens 64 --json --plot "$out/decode_fp32.png" | tee "$out/decode_fp32.log"
+  last "$out/decode_fp32"
+  $s bench decode --batch-sizes 1,8,32 --tokens 64 --dtype bfloat16 --json --plot "$out/decode_bf16.png" | tee "$out/decode_bf16.log"
+  last "$out/decode_bf16"
+  $s bench latency --cache-sizes 256,512,1024 --json --plot "$out/latency.png" | tee "$out/latency.log"
+  last "$out/latency"
+  $s bench memory --tokens 20000 --json --plot "$out/memory.png" | tee "$out/memory.log"
+  last "$out/memory"
+fi
+if [ "${1:-all}" = all ] || [ "$1" = serve ]; then
+  # 32 slots so that 32 concurrent streams all decode at once
+  export STREAMLLM_ENGINE__CACHE__NUM_SLOTS=32
+  $s bench serve --concurrency 1,4,16,32 --max-tokens 128 --json --plot "$out/serve.png" | tee "$out/serve.log"
+  last "$out/serve"
+  # the engine benchmark's cache (4+252), for a like-for-like HTTP overhead figure
+  STREAMLLM_ENGINE__CACHE__WINDOW=252 $s bench serve --concurrency 1,4,16,32 --max-tokens 128 --json \
+    --plot "$out/serve_w252.png" | tee "$out/serve_w252.log"
+  last "$out/serve_w252"
+fi
+if [ "${1:-all}" = all ] || [ "$1" = multiturn ]; then
+  $s bench multiturn --turns 30 --json --plot "$out/multiturn.png" | tee "$out/multiturn.log"
+  last "$out/multiturn"
+fi

@@ -1,0 +1,89 @@
+"""Two `streamllm serve` replicas on one Redis: failover by SIGKILL, claims across replicas, return of the
+killed replica. Sessions migrate to whichever replica gets their turn, rebuilt from Redis."""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+
+import httpx
+import pytest
+
+from .processes import start_server
+
+pytestmark = pytest.mark.slow
+LEASE = {"STREAMLLM_SERVER__REPLICA_LEASE_SECONDS": "2"}
+
+
+def chat(url: str, session: str, text: str, **extra) -> httpx.Response:
+    body = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": text}]}
+    body |= {"max_tokens": 8, "temperature": 0, "session_id": session, **extra}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+
+
+def info(url: str, session: str) -> dict:
+    r = httpx.get(f"{url}/v1/sessions/{session}", timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def moves(url: str, kind: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("streamllm:session_moves_total{") and f'kind="{kind}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no session_moves metric")
+
+
+def test_failover_claims_and_return(tmp_path, redis_url):
+    sid = f"replicated-{uuid.uuid4().hex[:6]}"
+    a, url_a = start_server(tmp_path, redis_url, STREAMLLM_REPLICA_ID="replica-a", **LEASE)
+    b, url_b = start_server(tmp_path, redis_url, STREAMLLM_REPLICA_ID="replica-b", **LEASE)
+    try:
+        for text in ("Name a planet.", "Name another one."):
+            assert chat(url_a, sid, text).status_code == 200
+        on_a = info(url_a, sid)
+        assert on_a["turns"] == 2 and on_a["replica"] == "replica-a" and on_a["resident"]
+
+        a.send_signal(signal.SIGKILL)
+        a.wait(30)
+        time.sleep(3)  # the killed replica's lease expires
+        r = chat(url_b, sid, "Which is bigger?")
+        assert r.status_code == 200 and r.json()["session_id"] == sid
+        on_b = info(url_b, sid)
+        assert on_b["turns"] == 3 and on_b["replica"] == "replica-b" and on_b["resident"]
+        assert on_b["tokens_seen"] > on_a["tokens_seen"]
+        assert on_b["created_at"] == on_a["created_at"]
+        assert moves(url_b, "takeover") == 1
+
+        # one turn at a time per session, across replicas: B streams, A refuses
+        a, url_a = start_server(tmp_path, redis_url, STREAMLLM_REPLICA_ID="replica-a", **LEASE)
+        body = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Count."}]}
+        body |= {"session_id": sid, "stream": True, "max_tokens": 400, "ignore_eos": True}
+        with httpx.stream("POST", f"{url_b}/v1/chat/completions", json=body, timeout=120) as stream:
+            next(stream.iter_lines())
+            busy = chat(url_a, sid, "Hello?")
+            assert busy.status_code == 409, busy.text
+            assert busy.json()["error"]["code"] == "session_busy"
+        # the interrupted turn was never committed: the session is as after turn 3
+        deadline = time.monotonic() + 10
+        while (r := chat(url_a, sid, "And the smallest?")).status_code == 409 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert r.status_code == 200, r.text
+        back = info(url_a, sid)
+        assert back["turns"] == 4 and back["replica"] == "replica-a"
+        assert moves(url_a, "migration") == 1  # B is alive: a migration, not a takeover
+
+        # B's copy is stale now: its next turn rebuilds from Redis instead of using it
+        assert chat(url_b, sid, "Thanks.").status_code == 200
+        assert info(url_b, sid)["turns"] == 5
+        # both serve new conversations
+        for url in (url_a, url_b):
+            fresh = f"fresh-{uuid.uuid4().hex[:6]}"
+            assert chat(url, fresh, "Hi!").status_code == 200
+            assert info(url, fresh)["turns"] == 1
+    finally:
+        for proc in (a, b):
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(60)
