@@ -29,7 +29,8 @@ def rope_cos_sin(
     positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [N, rotary_dim] for integer positions, angles computed in fp64."""
-    angles = positions.to(torch.float64)[:, None] * inv_freq.to(torch.float64)[None, :]  # [N, rd/2]
+    inv = inv_freq.to(device=positions.device, dtype=torch.float64)
+    angles = positions.to(torch.float64)[:, None] * inv[None, :]  # [N, rd/2]
     angles = torch.cat((angles, angles), dim=-1)  # [N, rd]
     return (angles.cos() * scaling).to(dtype), (angles.sin() * scaling).to(dtype)
 

@@ -4,11 +4,15 @@ killed replica. Sessions migrate to whichever replica gets their turn, rebuilt f
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 import uuid
 
 import httpx
 import pytest
+
+from server.client.local import free_port
+from tests.deploy.test_services import NGINX, local_nginx_conf, needs_nginx, wait_listening
 
 from .processes import start_server
 
@@ -87,3 +91,39 @@ def test_failover_claims_and_return(tmp_path, redis_url):
             if proc.poll() is None:
                 proc.terminate()
                 proc.wait(60)
+
+
+@needs_nginx
+def test_nginx_keeps_each_session_on_one_real_replica(tmp_path, redis_url):
+    """docker/nginx.conf in front of two real replicas: every turn of a session (named by the
+    X-Session-ID header) lands on the replica that holds its KV, so no turn ever needs a rebuild."""
+    a, url_a = start_server(tmp_path, redis_url, STREAMLLM_REPLICA_ID="nginx-a")
+    b, url_b = start_server(tmp_path, redis_url, STREAMLLM_REPLICA_ID="nginx-b")
+    port = free_port()
+    backends = [int(url.rsplit(":", 1)[1]) for url in (url_a, url_b)]
+    conf = local_nginx_conf(tmp_path, port, backends)
+    args = [str(NGINX), "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "error.log")]
+    nginx = subprocess.Popen([*args, "-g", "daemon off; pid nginx.pid;"], stdout=subprocess.DEVNULL)
+    proxy = f"http://127.0.0.1:{port}"
+    try:
+        wait_listening(port, nginx)
+        holders = set()
+        for n in range(6):
+            sid = f"sticky-{n}-{uuid.uuid4().hex[:6]}"
+            for text in ("Hi!", "Tell me more.", "Thanks."):
+                body = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": text}]}
+                body |= {"max_tokens": 4, "temperature": 0}
+                r = httpx.post(
+                    f"{proxy}/v1/chat/completions", json=body, headers={"X-Session-ID": sid}, timeout=120
+                )
+                assert r.status_code == 200, r.text
+            record = info(proxy, sid)
+            assert record["turns"] == 3 and record["rebuilds"] == 0
+            holders.add(record["replica"])
+        assert holders <= {"nginx-a", "nginx-b"}
+    finally:
+        nginx.send_signal(signal.SIGQUIT)
+        nginx.wait(10)
+        for proc in (a, b):
+            proc.terminate()
+            proc.wait(60)
