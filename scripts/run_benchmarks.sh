@@ -38,6 +38,9 @@ if [ "${1:-all}" = all ] || [ "$1" = serve ]; then
   STREAMLLM_ENGINE__CACHE__WINDOW=252 $s bench serve --concurrency 1,4,16,32 --max-tokens 128 --json \
     --plot "$out/serve_w252.png" | tee "$out/serve_w252.log"
   last "$out/serve_w252"
+  STREAMLLM_ENGINE__DTYPE=bfloat16 $s bench serve --concurrency 1,16,32 --max-tokens 128 --json \
+    | tee "$out/serve_bf16.log"
+  last "$out/serve_bf16"
 fi
 if [ "${1:-all}" = all ] || [ "$1" = multiturn ]; then
   $s bench multiturn --turns 30 --json --plot "$out/multiturn.png" | tee "$out/multiturn.log"
