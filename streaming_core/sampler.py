@@ -197,11 +197,16 @@ def _draw(logits: torch.Tensor, requests: Sequence[RequestSampler]) -> torch.Ten
 def _draw_plain(logits: torch.Tensor, requests: Sequence[RequestSampler], u: torch.Tensor) -> torch.Tensor:
     temperature = _column([r.params.temperature or 1.0 for r in requests], logits.device)  # [B, 1]
     probs = torch.softmax(logits / temperature, dim=-1)  # [B, V]
+    return _inverse_cdf(probs, u).squeeze(1)  # [B]
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Column [B, 1] where each row's uniform u falls in its (unnormalised) probabilities [B, V]."""
     cdf = probs.cumsum(dim=-1)  # [B, V]
     picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # [B, 1]
-    rank = torch.arange(logits.shape[1], device=logits.device)  # [V]
+    rank = torch.arange(probs.shape[1], device=probs.device)  # [V]
     last_kept = torch.where(probs > 0, rank, 0).amax(dim=-1, keepdim=True)  # [B, 1]
-    return torch.minimum(picked, last_kept).squeeze(1)  # [B], rounding can put the target at cdf[-1]
+    return torch.minimum(picked, last_kept)  # rounding can put the target at cdf[-1]
 
 
 def _draw_sorted(logits: torch.Tensor, requests: Sequence[RequestSampler], u: torch.Tensor) -> torch.Tensor:
@@ -217,11 +222,7 @@ def _draw_sorted(logits: torch.Tensor, requests: Sequence[RequestSampler], u: to
     probs = torch.softmax(scaled, dim=-1)  # [B, V]
     mass_before = probs.cumsum(dim=-1) - probs  # [B, V]
     probs = probs.masked_fill(mass_before >= top_p, 0.0)  # [B, V], the first token always stays
-    cdf = probs.cumsum(dim=-1)  # [B, V]
-    picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # [B, 1]
-    last_kept = torch.where(probs > 0, rank, 0).amax(dim=-1, keepdim=True)  # [B, 1]
-    picked = torch.minimum(picked, last_kept)  # [B, 1], rounding can put target at cdf[-1]
-    return order.gather(1, picked).squeeze(1)  # [B]
+    return order.gather(1, _inverse_cdf(probs, u)).squeeze(1)  # [B]
 
 
 def sample(logits: torch.Tensor, requests: Sequence[RequestSampler]) -> list[SampledToken]:
