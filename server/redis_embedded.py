@@ -61,7 +61,8 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
     with socket.socket() as s:
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
@@ -163,7 +164,7 @@ class EmbeddedRedis:
     def _launch(self, attempts: int = 3) -> None:
         binary = self.binary or find_redis_server()
         for _ in range(attempts):
-            port = _free_port()
+            port = free_port()
             self._write_conf(port)
             proc = subprocess.Popen(
                 [binary, str(self.conf)],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,11 +12,36 @@ from pathlib import Path
 
 import httpx
 
+from ..redis_embedded import free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+
+def start_server(
+    log_dir: Path, config: str | None = None, env: dict[str, str] | None = None, timeout: float = 180.0
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start `streamllm serve` on a free loopback port, logging to `log_dir`; returns it once /health is 200."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "streaming_core.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    if config:
+        cmd += ["--config", config]
+    log = log_dir / f"serve-{port}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, timeout, log)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, url
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 @contextlib.contextmanager
@@ -28,24 +52,11 @@ def local_server(
     if base_url:
         yield base_url.rstrip("/")
         return
-    port = free_port()
-    cmd = [sys.executable, "-m", "streaming_core.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    if config:
-        cmd += ["--config", config]
-    log = Path(os.environ.get("STREAMLLM_DATA_DIR", ".")) / f"serve-{port}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_ready(url, proc, timeout, log)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    proc, url = start_server(Path(os.environ.get("STREAMLLM_DATA_DIR", ".")), config, env, timeout)
+    try:
+        yield url
+    finally:
+        stop(proc)
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:

@@ -11,7 +11,7 @@ import uuid
 import httpx
 import pytest
 
-from server.client.local import free_port
+from server.redis_embedded import free_port
 from tests.deploy.test_services import NGINX, local_nginx_conf, needs_nginx, wait_listening
 
 from .processes import start_server
