@@ -90,7 +90,6 @@ class TokenEvent:
     finish_reason: str | None = None
     """'stop', 'length', 'abort' or 'error'."""
     prompt_tokens: int = 0
-    cached_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
 
@@ -143,7 +142,6 @@ class Request:
     pending: int | None = None
     """Last sampled token: it is fed (and enters the KV) only if generation goes on."""
     generated: list[int] = field(default_factory=list)
-    cancelled: bool = False
     arrived: float = field(default_factory=time.monotonic)
     resume: tuple[int, int] | None = None
     """(prompt index, stream index): a rebuild re-prefills the sinks, then jumps to the tail's stream index."""
