@@ -7,6 +7,10 @@ decode group first (one token per session), then each prefill chunk.
 Decode: the new key is written first (overwriting the evicted ring entry), then the query attends
 over the slot. Prefill: a chunk attends over the slot as it was plus its own causal part, and is
 written afterwards, since later queries of the chunk may still need entries its tokens overwrite.
+
+Both read only the filled prefix of a slot (`KVPool.extent`, rounded up to a power of two so that a
+step's shapes come from a handful of buckets): a session holding 100 tokens scores 128 entries, not
+the slot's whole capacity.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 
 from .batch import SeqChunk
 from .kv_pool import KVPool
-from .positions import apply_rope, ring_index, rope_cos_sin
+from .positions import ring_index, rope_cos_sin, rotate
 
 NEG_INF = float("-inf")
 
@@ -42,10 +46,25 @@ class PositionalSpec:
 
 @dataclass
 class _Rope:
-    cos_w: torch.Tensor  # [N, rd] stream positions: queries vs window keys, and the new keys
-    sin_w: torch.Tensor
-    cos_s: torch.Tensor  # [N, rd] cache positions: queries vs sink keys
+    cos_w: torch.Tensor  # [N, 1, rd] stream positions: queries vs window keys, and the new keys
+    sin_w: torch.Tensor  # [N, 1, rd] signed (see positions.rotate)
+    cos_s: torch.Tensor  # [N, 1, rd] cache positions: queries vs sink keys
     sin_s: torch.Tensor
+
+
+def fill_bucket(extent: int, capacity: int) -> int:
+    """Entries a step reads for a slot filled up to `extent`: the next power of two (at least 16), capped."""
+    return min(capacity, max(16, 1 << max(extent - 1, 0).bit_length()))
+
+
+def _tables(
+    positions: torch.Tensor, spec: PositionalSpec, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos [N, 1, rd] and signed sin [N, 1, rd] for `rotate`."""
+    assert spec.inv_freq is not None
+    cos, sin = rope_cos_sin(positions, spec.inv_freq, spec.rope_scaling, dtype)
+    half = sin.shape[-1] // 2
+    return cos[:, None], torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)[:, None]
 
 
 @dataclass
@@ -58,7 +77,8 @@ class _Decode:
     slots: torch.Tensor  # [B]
     entries: torch.Tensor  # [B] ring entry each new token is written to
     view: slice | None  # slots as a contiguous range: attend over a view, no gather
-    bias: torch.Tensor  # [B, kvh|1, g|1, cap] additive mask (+ ALiBi)
+    length: int  # entries read per slot: the filled prefix's bucket
+    bias: torch.Tensor  # [B, kvh|1, g|1, length] additive mask (+ ALiBi)
 
 
 @dataclass
@@ -67,7 +87,8 @@ class _Prefill:
     slot: int
     sinks: int
     empty: bool  # the slot holds nothing yet: skip scoring its (all masked) entries
-    cache_bias: torch.Tensor  # [kvh|1, g|1, C, cap]
+    length: int  # cache entries read: the filled prefix's bucket
+    cache_bias: torch.Tensor  # [kvh|1, g|1, C, length]
     chunk_bias: torch.Tensor  # [kvh|1, g|1, C, C]
     chunk_is_sink: torch.Tensor  # [C] keys of the chunk that are sinks (scored with the sink query)
     write_rows: torch.Tensor  # [M] chunk rows that end up in the slot
@@ -83,9 +104,10 @@ class StepContext:
         self.S, self.cap = cache.sink_tokens, cache.capacity
         dev = pool.device
         self.kvh = pool.shape.kv_heads
-        positions = [torch.tensor([c.start], dtype=torch.long) for c in decode]
-        positions += [torch.arange(c.start, c.start + len(c.tokens)) for c in prefill]
-        t = torch.cat(positions).to(dev) if positions else torch.zeros(0, dtype=torch.long, device=dev)  # [N]
+        starts = [c.start for c in decode]
+        for c in prefill:
+            starts.extend(range(c.start, c.start + len(c.tokens)))
+        t = torch.tensor(starts, dtype=torch.long).to(dev)  # [N] stream index of every row
         # p: each query's position in the cache (tokens it attends to, itself included, minus one).
         p_parts: list[torch.Tensor] = []
         self.decode = self._build_decode(decode, t[: len(decode)], p_parts) if decode else None
@@ -94,12 +116,15 @@ class StepContext:
         for c in prefill:
             self.prefill.append(self._build_prefill(c, row, t[row : row + len(c.tokens)], p_parts))
             row += len(c.tokens)
+        self.sink_query = (self.decode is not None and self.decode.sink_max > 0) or any(
+            m.sinks > 0 for m in self.prefill
+        )
+        """Some row scores sink keys, which needs the query rotated by its cache position."""
         self.rope: _Rope | None = None
         if spec.kind == "rope":
-            assert spec.inv_freq is not None
-            p = torch.cat(p_parts) if p_parts else t
-            cw, sw = rope_cos_sin(t, spec.inv_freq, spec.rope_scaling, pool.dtype)
-            cs, ss = rope_cos_sin(p, spec.inv_freq, spec.rope_scaling, pool.dtype)
+            p = torch.cat(p_parts) if len(p_parts) > 1 else p_parts[0] if p_parts else t
+            cw, sw = _tables(t, spec, pool.dtype)
+            cs, ss = _tables(p, spec, pool.dtype)
             self.rope = _Rope(cw, sw, cs, ss)
 
     # -- metadata -------------------------------------------------------------------------------
@@ -114,34 +139,46 @@ class StepContext:
         return mask - slopes[:, :, None, None] * dist[..., None, None, :, :].to(torch.float32)
 
     def _build_decode(self, chunks: list[SeqChunk], t: torch.Tensor, p_parts: list[torch.Tensor]) -> _Decode:
-        dev = self.pool.device
-        slots = torch.tensor([c.slot for c in chunks], dtype=torch.long, device=dev)
+        pool, dev = self.pool, self.pool.device
+        slot_ids = [c.slot for c in chunks]
         sinks = [self.S if c.sinks is None else c.sinks for c in chunks]
-        S = torch.tensor(sinks, dtype=torch.long, device=dev)  # [B]
+        for c in chunks:
+            pool.note_written(c.slot, c.start)
+        length = fill_bucket(max(pool.extent[i] for i in slot_ids), self.cap)
+        slots, S = torch.tensor([slot_ids, sinks], dtype=torch.long).to(dev)  # [B] each
         entries = ring_index(t, S, self.cap - S)
-        self.pool.write_positions(slots, entries, t)
-        first = chunks[0].slot
-        contiguous = all(c.slot == first + i for i, c in enumerate(chunks))
-        pos = self.pool.pos[slots]  # [B, cap] after the write
-        p = (pos >= 0).sum(-1) - 1  # [B]
+        pool.write_positions(slots, entries, t)
+        first = slot_ids[0]
+        contiguous = slot_ids == list(range(first, first + len(slot_ids)))
+        pos = pool.pos[slots, :length]  # [B, length] after the write
+        valid = pos >= 0
+        p = valid.sum(-1) - 1  # [B]
         p_parts.append(p)
-        idx = torch.arange(self.cap, device=dev)
-        dist = torch.where(idx < S[:, None], p[:, None] - idx, t[:, None] - pos)
-        bias = self._heads_bias(dist[:, None, :], (pos >= 0)[:, None, :])[:, :, :, 0]  # [B, kvh|1, g|1, cap]
+        if self.spec.kind == "alibi":
+            idx = torch.arange(length, device=dev)
+            dist = torch.where(idx < S[:, None], p[:, None] - idx, t[:, None] - pos)
+            bias = self._heads_bias(dist[:, None, :], valid[:, None, :])[:, :, :, 0]  # [B, kvh, g, length]
+        else:  # RoPE: only the mask
+            bias = torch.zeros(valid.shape, device=dev).masked_fill_(~valid, NEG_INF)[:, None, None, :]
         view = slice(first, first + len(chunks)) if contiguous else None
-        smax = max(sinks)
-        cols = None if min(sinks) == smax else (idx[:smax] < S[:, None])[:, None, None, :]  # [B, 1, 1, smax]
-        return _Decode(len(chunks), smax, cols, slots, entries, view, bias)
+        smax = min(max(sinks), length)
+        cols = None
+        if min(sinks) != max(sinks):
+            cols = (torch.arange(smax, device=dev) < S[:, None])[:, None, None, :]  # [B, 1, 1, smax]
+        return _Decode(len(chunks), smax, cols, slots, entries, view, length, bias)
 
     def _build_prefill(
         self, c: SeqChunk, row0: int, t: torch.Tensor, p_parts: list[torch.Tensor]
     ) -> _Prefill:
         S = self.S if c.sinks is None else c.sinks
         W, dev = self.cap - S, self.pool.device
-        pos = self.pool.pos[c.slot]  # [cap] before the write
-        idx = torch.arange(self.cap, device=dev)
+        extent = self.pool.extent[c.slot]  # before this chunk's write
+        self.pool.note_written(c.slot, c.start + len(c.tokens) - 1)
+        length = fill_bucket(extent, self.cap)
+        pos = self.pool.pos[c.slot, :length]  # [length] before the write
+        idx = torch.arange(length, device=dev)
         tq = t[:, None]
-        valid_c = (pos >= 0) & ((idx < S) | (tq - pos < W))  # [C, cap]
+        valid_c = (pos >= 0) & ((idx < S) | (tq - pos < W))  # [C, length]
         tk = t[None, :]  # chunk keys
         is_sink = t < S
         valid_n = (tk <= tq) & (is_sink[None, :] | (tq - tk < W))  # [C, C]
@@ -155,7 +192,8 @@ class StepContext:
             row0=row0,
             slot=c.slot,
             sinks=S,
-            empty=bool((pos < 0).all()),
+            empty=extent == 0,
+            length=length,
             cache_bias=self._heads_bias(dist_c, valid_c),
             chunk_bias=self._heads_bias(dist_n, valid_n),
             chunk_is_sink=is_sink,
@@ -173,21 +211,22 @@ class StepContext:
     # -- the attention itself -------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [N, H, hd], k/v [N, kvh, hd] (unrotated) -> [N, H, hd]."""
+        q = q * self.spec.scale  # RoPE is linear: scaling before rotating serves both rotations
         q_w = q_s = q
         if self.rope is not None:
             r = self.rope
-            q_w, q_s = apply_rope(q, r.cos_w, r.sin_w), apply_rope(q, r.cos_s, r.sin_s)
-            k = apply_rope(k, r.cos_w, r.sin_w)
-        scale = self.spec.scale
+            q_w, k = rotate(q, r.cos_w, r.sin_w), rotate(k, r.cos_w, r.sin_w)
+            if self.sink_query:
+                q_s = rotate(q, r.cos_s, r.sin_s)
+        if not self.prefill and self.decode is not None:
+            return self._attend_decode(layer, q_w, q_s, k, v)
         out = torch.empty_like(q)
         if self.decode is not None:
             n = self.decode.rows
-            out[:n] = self._attend_decode(layer, q_w[:n] * scale, q_s[:n] * scale, k[:n], v[:n])
+            out[:n] = self._attend_decode(layer, q_w[:n], q_s[:n], k[:n], v[:n])
         for meta in self.prefill:
             rows = slice(meta.row0, meta.row0 + meta.chunk_is_sink.shape[0])
-            out[rows] = self._attend_prefill(
-                layer, meta, q_w[rows] * scale, q_s[rows] * scale, k[rows], v[rows]
-            )
+            out[rows] = self._attend_prefill(layer, meta, q_w[rows], q_s[rows], k[rows], v[rows])
         return out
 
     def _attend_decode(
@@ -195,19 +234,25 @@ class StepContext:
     ) -> torch.Tensor:
         d, pool = self.decode, self.pool
         assert d is not None
-        S = d.sink_max
+        S, L = d.sink_max, d.length
         pool.k[layer][d.slots, :, d.entries] = k  # [B, kvh, hd] into [slots, kvh, cap, hd]
         pool.v[layer][d.slots, :, d.entries] = v
-        K = pool.k[layer, d.view] if d.view is not None else pool.k[layer][d.slots]  # [B, kvh, cap, hd]
-        V = pool.v[layer, d.view] if d.view is not None else pool.v[layer][d.slots]  # [B, kvh, cap, hd]
+        if d.view is not None:
+            K, V = pool.k[layer, d.view, :, :L], pool.v[layer, d.view, :, :L]  # [B, kvh, L, hd] views
+        else:
+            K, V = pool.k[layer][d.slots, :, :L], pool.v[layer][d.slots, :, :L]  # [B, kvh, L, hd] gathers
         B, H, hd = q_w.shape
         qw = q_w.view(B, self.kvh, H // self.kvh, hd)  # [B, kvh, g, hd]
-        scores = torch.matmul(qw, K.transpose(-1, -2))  # [B, kvh, g, cap]
+        scores = torch.matmul(qw, K.transpose(-1, -2))  # [B, kvh, g, L]
         if S > 0 and self.rope is not None:
             qs = q_s.view(B, self.kvh, H // self.kvh, hd)
             sink = torch.matmul(qs, K[:, :, :S].transpose(-1, -2))  # [B, kvh, g, S]
             scores[..., :S] = sink if d.sink_cols is None else torch.where(d.sink_cols, sink, scores[..., :S])
-        probs = torch.softmax(scores.float() + d.bias, dim=-1).to(V.dtype)
+        if scores.dtype != torch.float32:
+            scores = scores.float()
+        probs = torch.softmax(scores + d.bias, dim=-1)
+        if probs.dtype != V.dtype:
+            probs = probs.to(V.dtype)
         return torch.matmul(probs, V).view(B, H, hd)  # [B, H, hd]
 
     def _attend_prefill(
@@ -216,7 +261,7 @@ class StepContext:
         S, pool, kvh = m.sinks, self.pool, self.kvh
         C, H, hd = q_w.shape
         g = H // kvh
-        Kc, Vc = pool.k[layer, m.slot], pool.v[layer, m.slot]  # [kvh, cap, hd]
+        Kc, Vc = pool.k[layer, m.slot, :, : m.length], pool.v[layer, m.slot, :, : m.length]  # [kvh, L, hd]
         qw = q_w.view(C, kvh, g, hd).permute(1, 2, 0, 3)  # [kvh, g, C, hd]
         qs = q_s.view(C, kvh, g, hd).permute(1, 2, 0, 3)
         kn, vn = k.transpose(0, 1), v.transpose(0, 1)  # [kvh, C, hd]
@@ -228,11 +273,11 @@ class StepContext:
             probs = torch.softmax(sc_chunk.float() + m.chunk_bias, dim=-1).to(vn.dtype)  # [kvh, g, C, C]
             out = torch.matmul(probs, vn[:, None])
         else:
-            sc_cache = torch.matmul(qw, Kc[:, None].transpose(-1, -2))  # [kvh, g, C, cap]
+            sc_cache = torch.matmul(qw, Kc[:, None].transpose(-1, -2))  # [kvh, g, C, L]
             if S > 0 and self.rope is not None:
                 sc_cache[..., :S] = torch.matmul(qs, Kc[:, None, :S].transpose(-1, -2))
             scores = torch.cat((sc_cache.float() + m.cache_bias, sc_chunk.float() + m.chunk_bias), dim=-1)
-            probs = torch.softmax(scores, dim=-1).to(Vc.dtype)  # [kvh, g, C, cap + C]
+            probs = torch.softmax(scores, dim=-1).to(Vc.dtype)  # [kvh, g, C, L + C]
             cap = Kc.shape[1]
             out = torch.matmul(probs[..., :cap], Vc[:, None]) + torch.matmul(probs[..., cap:], vn[:, None])
         pool.k[layer, m.slot, :, m.write_entries] = kn[:, m.write_rows]

@@ -49,6 +49,9 @@ class KVPool:
         self.k = torch.zeros(dims, dtype=dtype, device=device)  # [L, slots, kvh, cap, hd]
         self.v = torch.zeros(dims, dtype=dtype, device=device)  # [L, slots, kvh, cap, hd]
         self.pos = torch.full((cache.num_slots, cache.capacity), -1, dtype=torch.long, device=device)
+        self.extent = [0] * cache.num_slots
+        """Per slot, on the host: entries [0, extent) may be filled, the rest are empty. A slot fills from
+        entry 0 (stream token t < capacity sits at entry t), so attention reads only this prefix."""
 
     @property
     def bytes_per_slot(self) -> int:
@@ -63,6 +66,7 @@ class KVPool:
     def clear(self, slot: int) -> None:
         """Forget a slot's tokens; the tensors stay allocated."""
         self.pos[slot] = -1
+        self.extent[slot] = 0
 
     def snapshot(self, slot: int) -> SlotSnapshot:
         """Copy a slot to host memory (pinned on CUDA so restores are asynchronous-capable)."""
@@ -78,6 +82,13 @@ class KVPool:
         self.k[:, slot].copy_(snap.k, non_blocking=True)
         self.v[:, slot].copy_(snap.v, non_blocking=True)
         self.pos[slot].copy_(snap.pos)
+        filled = torch.nonzero(snap.pos >= 0)
+        self.extent[slot] = int(filled.max()) + 1 if filled.numel() else 0
+
+    def note_written(self, slot: int, last_stream_index: int) -> None:
+        """Grow the slot's extent for tokens written up to this stream index (host ints, no device sync)."""
+        reach = min(last_stream_index + 1, self.cache.capacity)
+        self.extent[slot] = max(self.extent[slot], reach)
 
     def write_positions(self, slots: torch.Tensor, entries: torch.Tensor, stream_idx: torch.Tensor) -> None:
         """Record which stream token each written entry now holds."""

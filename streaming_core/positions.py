@@ -45,6 +45,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` in three ops: rotate_half(x) * sin is x rolled by half the rotary span times sin with
+    its first half negated, which the caller's table already is. cos/sin_signed broadcast to [N, 1, rd]."""
+    rd = cos.shape[-1]
+    if rd == x.shape[-1]:
+        return torch.addcmul(x * cos, x.roll(rd // 2, dims=-1), sin_signed)
+    rot = x[..., :rd]
+    out = torch.addcmul(rot * cos, rot.roll(rd // 2, dims=-1), sin_signed)
+    return torch.cat((out, x[..., rd:]), dim=-1)
+
+
 def alibi_slopes(num_heads: int, max_bias: float = 8.0) -> torch.Tensor:
     """ALiBi head slopes as MPT defines them (non-powers of two interleave the next power's slopes)."""
     n = 2 ** math.ceil(math.log2(num_heads))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 from ..attention import PositionalSpec, StepContext
 from ..kv_pool import KVShape
+from ..linear import KernelReport, Linear, LinearSlot, linear, prepare_linears
 
 
 class DecoderModel:
@@ -45,10 +47,30 @@ class DecoderModel:
             x = self.layer_forward(i, x, ctx)
         return self.final_norm(x)
 
+    head: Linear | None = None
+    """The LM head as a tuned `Linear` once `prepare` ran (`lm_head` stays the plain, possibly tied, tensor)."""
+    kernels: KernelReport | None = None
+    """What `prepare` chose and measured."""
+
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [M, D] -> fp32 logits [M, V]; only rows that are sampled or scored get here."""
-        return torch.matmul(hidden, self.lm_head.t()).float()
+        return linear(hidden, self.head if self.head is not None else self.lm_head).float()
+
+    def linear_slots(self) -> Iterator[LinearSlot]:
+        """Every matmul weight: fields `w_<role>` (bias `b_<role>`) of the per-layer records, and the head."""
+        for layer in getattr(self, "layers", []):
+            for f in dataclasses.fields(layer):
+                if f.name.startswith("w_"):
+                    bias = "b_" + f.name[2:]
+                    yield LinearSlot(f.name[2:], layer, f.name, bias if hasattr(layer, bias) else None)
+        self.head = self.lm_head  # type: ignore[assignment]  # replaced by its Linear below
+        yield LinearSlot("lm_head", self, "head", None)
+
+    def prepare(self, weights: str = "dense", rounds: int = 5) -> KernelReport:
+        """Put every weight in the layouts and kernels measured fastest here for `weights` precision."""
+        self.kernels = prepare_linears(self.linear_slots(), weights, rounds)
+        return self.kernels
 
 
 def param(t: torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:

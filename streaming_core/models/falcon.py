@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..attention import StepContext
 from ..kv_pool import KVShape
+from ..linear import Linear, linear
 from .base import DecoderModel, activation, layer_norm, param, rope_spec, ungroup_qkv
 
 Norm = tuple[torch.Tensor, torch.Tensor]
@@ -28,13 +28,13 @@ class _FalconLayer:
     ln_mlp: Norm | None
     """Second LayerNorm: ln_mlp (40B, parallel) or post_attention_layernorm (sequential); None when the
     MLP reads the attention's LayerNorm output (7B)."""
-    w_qkv: torch.Tensor  # [(H + 2*kvh)*hd, D], rows as [q | k | v]
+    w_qkv: torch.Tensor | Linear  # [(H + 2*kvh)*hd, D], rows as [q | k | v]
     b_qkv: torch.Tensor | None
-    w_o: torch.Tensor  # [D, H*hd]
+    w_o: torch.Tensor | Linear  # [D, H*hd]
     b_o: torch.Tensor | None
-    w_up: torch.Tensor  # [F, D]
+    w_up: torch.Tensor | Linear  # [F, D]
     b_up: torch.Tensor | None
-    w_down: torch.Tensor  # [D, F]
+    w_down: torch.Tensor | Linear  # [D, F]
     b_down: torch.Tensor | None
 
 
@@ -98,10 +98,10 @@ class FalconModel(DecoderModel):
     def layer_forward(self, i: int, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         w, N, H, kvh, hd = self.layers[i], x.shape[0], self.H, self.kvh, self.hd
         h = layer_norm(x, *w.ln_attn, self.eps)  # [N, D]
-        qkv = F.linear(h, w.w_qkv, w.b_qkv)  # [N, (H + 2*kvh)*hd]
+        qkv = linear(h, w.w_qkv, w.b_qkv)  # [N, (H + 2*kvh)*hd]
         q, k, v = qkv.split([H * hd, kvh * hd, kvh * hd], dim=-1)
         out = ctx.attend(i, q.view(N, H, hd), k.view(N, kvh, hd), v.view(N, kvh, hd))  # [N, H, hd]
-        attn = F.linear(out.reshape(N, H * hd), w.w_o, w.b_o)  # [N, D]
+        attn = linear(out.reshape(N, H * hd), w.w_o, w.b_o)  # [N, D]
         if self.parallel:  # x + (mlp(ln_mlp(x) or h) + attn(h))
             h_mlp = h if w.ln_mlp is None else layer_norm(x, *w.ln_mlp, self.eps)
             return x + (self._mlp(w, h_mlp) + attn)
@@ -110,7 +110,7 @@ class FalconModel(DecoderModel):
         return x + self._mlp(w, layer_norm(x, *w.ln_mlp, self.eps))
 
     def _mlp(self, w: _FalconLayer, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.act(F.linear(h, w.w_up, w.b_up)), w.w_down, w.b_down)  # [N, D]
+        return linear(self.act(linear(h, w.w_up, w.b_up)), w.w_down, w.b_down)  # [N, D]
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return layer_norm(x, *self.ln_f, self.eps)

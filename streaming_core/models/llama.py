@@ -5,6 +5,7 @@ Weights are fused at load (q|k|v and gate|up) so that a layer is five matmuls.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,7 +13,19 @@ import torch.nn.functional as F
 
 from ..attention import PositionalSpec, StepContext
 from ..kv_pool import KVShape
+from ..linear import Linear, linear
 from .base import DecoderModel, param, rms_norm
+
+
+@dataclass
+class _LlamaLayer:
+    ln1: torch.Tensor  # [D]
+    ln2: torch.Tensor  # [D]
+    w_qkv: torch.Tensor | Linear  # [(H + 2*kvh)*hd, D], rows as [q | k | v]
+    b_qkv: torch.Tensor | None  # Qwen2 only
+    w_o: torch.Tensor | Linear  # [D, H*hd]
+    w_gate_up: torch.Tensor | Linear  # [2F, D], rows as [gate | up]
+    w_down: torch.Tensor | Linear  # [D, F]
 
 
 class LlamaModel(DecoderModel):
@@ -40,35 +53,35 @@ class LlamaModel(DecoderModel):
         tied = hf_model.lm_head.weight.data_ptr() == core.embed_tokens.weight.data_ptr()
         self.lm_head = self.embed_tokens if tied else p(hf_model.lm_head.weight)
         self.norm = p(core.norm.weight)
-        self.w_qkv, self.b_qkv, self.w_o, self.w_gate_up, self.w_down, self.ln1, self.ln2 = (
-            [] for _ in range(7)
-        )
+        self.layers: list[_LlamaLayer] = []
         for layer in core.layers:
             a, m = layer.self_attn, layer.mlp
-            self.w_qkv.append(p(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])))
-            has_bias = a.q_proj.bias is not None
-            self.b_qkv.append(
-                p(torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])) if has_bias else None
+            bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+            self.layers.append(
+                _LlamaLayer(
+                    ln1=p(layer.input_layernorm.weight),
+                    ln2=p(layer.post_attention_layernorm.weight),
+                    w_qkv=p(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),
+                    b_qkv=None if bias is None else p(bias),
+                    w_o=p(a.o_proj.weight),
+                    w_gate_up=p(torch.cat([m.gate_proj.weight, m.up_proj.weight])),
+                    w_down=p(m.down_proj.weight),
+                )
             )
-            self.w_o.append(p(a.o_proj.weight))
-            self.w_gate_up.append(p(torch.cat([m.gate_proj.weight, m.up_proj.weight])))
-            self.w_down.append(p(m.down_proj.weight))
-            self.ln1.append(p(layer.input_layernorm.weight))
-            self.ln2.append(p(layer.post_attention_layernorm.weight))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens[input_ids]  # [N, D]
 
     def layer_forward(self, i: int, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        N = x.shape[0]
-        qkv = F.linear(rms_norm(x, self.ln1[i], self.eps), self.w_qkv[i], self.b_qkv[i])  # [N, (H+2kvh)*hd]
+        w, N = self.layers[i], x.shape[0]
+        qkv = linear(rms_norm(x, w.ln1, self.eps), w.w_qkv, w.b_qkv)  # [N, (H+2kvh)*hd]
         q, k, v = qkv.split([self.H * self.hd, self.kvh * self.hd, self.kvh * self.hd], dim=-1)
         attn = ctx.attend(
             i, q.view(N, self.H, self.hd), k.view(N, self.kvh, self.hd), v.view(N, self.kvh, self.hd)
         )
-        x = x + F.linear(attn.reshape(N, -1), self.w_o[i])
-        gate, up = F.linear(rms_norm(x, self.ln2[i], self.eps), self.w_gate_up[i]).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, self.w_down[i])
+        x = x + linear(attn.reshape(N, -1), w.w_o)
+        gate, up = linear(rms_norm(x, w.ln2, self.eps), w.w_gate_up).chunk(2, dim=-1)  # [N, F] each
+        return x + linear(F.silu(gate) * up, w.w_down)
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.norm, self.eps)

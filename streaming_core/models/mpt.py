@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..attention import PositionalSpec, StepContext
 from ..kv_pool import KVShape
+from ..linear import Linear, linear
 from ..positions import alibi_slopes
 from .base import DecoderModel, layer_norm, param
 
@@ -27,13 +28,13 @@ from .base import DecoderModel, layer_norm, param
 class _MptLayer:
     norm_1: tuple[torch.Tensor, torch.Tensor | None]
     norm_2: tuple[torch.Tensor, torch.Tensor | None]
-    w_qkv: torch.Tensor  # [(H + 2*kvh)*hd, D]
+    w_qkv: torch.Tensor | Linear  # [(H + 2*kvh)*hd, D]
     b_qkv: torch.Tensor | None
-    w_o: torch.Tensor  # [D, H*hd]
+    w_o: torch.Tensor | Linear  # [D, H*hd]
     b_o: torch.Tensor | None
-    w_up: torch.Tensor  # [F, D]
+    w_up: torch.Tensor | Linear  # [F, D]
     b_up: torch.Tensor | None
-    w_down: torch.Tensor  # [D, F]
+    w_down: torch.Tensor | Linear  # [D, F]
     b_down: torch.Tensor | None
 
 
@@ -97,14 +98,14 @@ class MptModel(DecoderModel):
 
     def layer_forward(self, i: int, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         w, N, H, kvh, hd = self.layers[i], x.shape[0], self.H, self.kvh, self.hd
-        qkv = F.linear(layer_norm(x, *w.norm_1, self.eps), w.w_qkv, w.b_qkv)  # [N, (H + 2*kvh)*hd]
+        qkv = linear(layer_norm(x, *w.norm_1, self.eps), w.w_qkv, w.b_qkv)  # [N, (H + 2*kvh)*hd]
         if self.clip is not None:
             qkv = qkv.clamp(-self.clip, self.clip)
         q, k, v = qkv.split([H * hd, kvh * hd, kvh * hd], dim=-1)
         out = ctx.attend(i, q.view(N, H, hd), k.view(N, kvh, hd), v.view(N, kvh, hd))  # [N, H, hd]
-        x = x + F.linear(out.reshape(N, H * hd), w.w_o, w.b_o)  # [N, D]
-        h = F.gelu(F.linear(layer_norm(x, *w.norm_2, self.eps), w.w_up, w.b_up))  # [N, F]
-        return x + F.linear(h, w.w_down, w.b_down)
+        x = x + linear(out.reshape(N, H * hd), w.w_o, w.b_o)  # [N, D]
+        h = F.gelu(linear(layer_norm(x, *w.norm_2, self.eps), w.w_up, w.b_up))  # [N, F]
+        return x + linear(h, w.w_down, w.b_down)
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return layer_norm(x, *self.norm_f, self.eps)

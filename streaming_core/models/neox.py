@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..attention import StepContext
 from ..kv_pool import KVShape
+from ..linear import Linear, linear
 from .base import DecoderModel, activation, layer_norm, param, rope_spec, ungroup_qkv
 
 
@@ -22,13 +22,13 @@ from .base import DecoderModel, activation, layer_norm, param, rope_spec, ungrou
 class _NeoXLayer:
     ln1: tuple[torch.Tensor, torch.Tensor]
     ln2: tuple[torch.Tensor, torch.Tensor]
-    w_qkv: torch.Tensor  # [3*H*hd, D], rows as [q | k | v]
+    w_qkv: torch.Tensor | Linear  # [3*H*hd, D], rows as [q | k | v]
     b_qkv: torch.Tensor | None
-    w_o: torch.Tensor  # [D, H*hd]
+    w_o: torch.Tensor | Linear  # [D, H*hd]
     b_o: torch.Tensor | None
-    w_up: torch.Tensor  # [F, D]
+    w_up: torch.Tensor | Linear  # [F, D]
     b_up: torch.Tensor | None
-    w_down: torch.Tensor  # [D, F]
+    w_down: torch.Tensor | Linear  # [D, F]
     b_down: torch.Tensor | None
 
 
@@ -74,16 +74,16 @@ class NeoXModel(DecoderModel):
 
     def layer_forward(self, i: int, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         w, N, H, hd = self.layers[i], x.shape[0], self.H, self.hd
-        qkv = F.linear(layer_norm(x, *w.ln1, self.eps), w.w_qkv, w.b_qkv)  # [N, 3*H*hd]
+        qkv = linear(layer_norm(x, *w.ln1, self.eps), w.w_qkv, w.b_qkv)  # [N, 3*H*hd]
         q, k, v = (t.view(N, H, hd) for t in qkv.chunk(3, dim=-1))  # [N, H, hd] each
-        attn = F.linear(ctx.attend(i, q, k, v).reshape(N, H * hd), w.w_o, w.b_o)  # [N, D]
+        attn = linear(ctx.attend(i, q, k, v).reshape(N, H * hd), w.w_o, w.b_o)  # [N, D]
         if self.parallel:  # x + attn(ln1(x)) + mlp(ln2(x))
             return x + attn + self._mlp(w, layer_norm(x, *w.ln2, self.eps))
         x = x + attn
         return x + self._mlp(w, layer_norm(x, *w.ln2, self.eps))
 
     def _mlp(self, w: _NeoXLayer, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.act(F.linear(h, w.w_up, w.b_up)), w.w_down, w.b_down)  # [N, D]
+        return linear(self.act(linear(h, w.w_up, w.b_up)), w.w_down, w.b_down)  # [N, D]
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return layer_norm(x, *self.ln_f, self.eps)

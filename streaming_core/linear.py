@@ -1,0 +1,233 @@
+"""Linear layers in the layout and kernel that run fastest for each batch size, measured at load time.
+
+Which kernel wins depends on the rows of the call and on the machine (measured on one 2-core box:
+pre-transposed fp32 beats `F.linear`'s [out, in] layout at every row count, int8 weight-only with bf16
+activations wins at a few rows and loses badly at 32; a CPU with AMX changes the picture again). So
+nothing is guessed: `prepare_linears` times every candidate of the configured precision on one weight
+of each role (qkv, o, gate_up, ...) for each row bucket, keeps only the layouts that win somewhere,
+and logs the table. The precision itself is a config choice (see `WEIGHT_MODES`), never a per-bucket
+one: every kernel of a precision multiplies by the same weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .quant import int4_supported, quantize_int4, quantize_int8
+
+log = logging.getLogger(__name__)
+
+WEIGHT_MODES = ("dense", "int8", "int4")
+"""dense: the model dtype, exact; int8: per-channel weight-only; int4: per-group-of-32 weight-only."""
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+"""Row counts a kernel is chosen for; a call uses the bucket of the next row count up (the last beyond)."""
+LOGIT_BUCKETS = ROW_BUCKETS[:7]
+"""The LM head sees only rows that are sampled or scored: tuning it at prefill sizes would cost seconds."""
+
+Kernel = Callable[[torch.Tensor], torch.Tensor]
+
+
+def bucket_index(rows: int) -> int:
+    """Index into ROW_BUCKETS of the smallest bucket >= rows."""
+    return min(max(rows - 1, 0).bit_length(), len(ROW_BUCKETS) - 1)
+
+
+# -- kernels: (weight [out, in], bias) -> a function of x [N, in] ---------------------------------------
+def _dense_nn(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
+    wt = w.t().contiguous()  # [in, out]: the row-major right operand BLAS streams best
+    if b is None:
+        return lambda x: torch.mm(x, wt)
+    return lambda x: torch.addmm(b, x, wt)
+
+
+def _dense_nt(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
+    w = w.contiguous()  # [out, in], what F.linear reads
+    return lambda x: F.linear(x, w, b)
+
+
+def _int8(act: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor | None], Kernel]:
+    def build(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
+        q8 = quantize_int8(w)
+        q, s = q8.q.to(w.device), q8.scales.to(device=w.device, dtype=act)
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            y = torch._weight_int8pack_mm(x.to(act), q, s).to(x.dtype)  # [N, out]
+            return y if b is None else y + b
+
+        return run
+
+    return build
+
+
+def _int4_kernel(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
+    q4 = quantize_int4(w)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), q4.packed, 32, q4.scale_zero)
+        y = y.to(x.dtype)  # [N, out]
+        return y if b is None else y + b
+
+    return run
+
+
+def _dequantized(
+    quantize: Callable[[torch.Tensor], Any],
+) -> Callable[[torch.Tensor, torch.Tensor | None], Kernel]:
+    """The quantized weights, dequantized once, through the fp32 GEMM: same weights, more bytes, big batches."""
+
+    def build(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
+        return _dense_nn(quantize(w).dequantized().to(device=w.device, dtype=w.dtype), b)
+
+    return build
+
+
+def candidates(
+    mode: str, weight: torch.Tensor
+) -> dict[str, Callable[[torch.Tensor, torch.Tensor | None], Kernel]]:
+    """Kernels that compute `mode`'s weights for this weight on its device."""
+    if mode == "dense":
+        return {"dense-nn": _dense_nn, "dense-nt": _dense_nt}
+    if weight.device.type != "cpu":
+        raise ValueError(
+            f"weights mode {mode!r} uses torch's CPU kernels; use 'dense' on {weight.device.type}"
+        )
+    if mode == "int8":
+        return {
+            "int8-bf16act": _int8(torch.bfloat16),
+            "int8-dequant-f32": _dequantized(quantize_int8),
+        }
+    if mode == "int4":
+        if not int4_supported(weight):
+            return candidates("int8", weight)
+        return {"int4-bf16act": _int4_kernel, "int4-dequant-f32": _dequantized(quantize_int4)}
+    raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}; got {mode!r}")
+
+
+class Linear:
+    """One weight, callable on x [N, in] -> [N, out] with the kernel chosen for N's bucket."""
+
+    def __init__(self, kernels: dict[str, Kernel], choice: list[str], out_features: int) -> None:
+        self.kernels = kernels
+        self.choice = choice
+        self._by_bucket = [kernels[name] for name in choice]
+        self.out_features = out_features
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._by_bucket[bucket_index(x.shape[0])](x)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor | Linear, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for raw weights (models straight from a checkpoint), the tuned kernel for prepared ones."""
+    if isinstance(w, Linear):
+        return w(x)
+    return F.linear(x, w, b)
+
+
+# -- tuning ---------------------------------------------------------------------------------------------
+@dataclass
+class LinearSlot:
+    """Where one weight lives in a model, so that it can be replaced by its prepared `Linear`."""
+
+    role: str
+    owner: Any
+    name: str
+    bias_name: str | None
+    index: int | None = None
+
+    def get(self, attr: str) -> Any:
+        value = getattr(self.owner, attr)
+        return value if self.index is None else value[self.index]
+
+    def set(self, attr: str, value: Any) -> None:
+        if self.index is None:
+            setattr(self.owner, attr, value)
+        else:
+            getattr(self.owner, attr)[self.index] = value
+
+
+@dataclass
+class KernelReport:
+    """What was chosen: per role, per bucket, the winning kernel and every candidate's time (ms)."""
+
+    mode: str
+    rows: list[tuple[str, int, str, dict[str, float]]] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = []
+        for role, rows, best, times in self.rows:
+            timing = ", ".join(f"{k} {v:.3f}" for k, v in times.items())
+            out.append(f"{role:>8} x{rows:<4} -> {best:<18} ({timing} ms)")
+        return out
+
+
+def _pass_ms(fns: list[Kernel], x: torch.Tensor) -> float:
+    """One call of every layer's kernel in turn, in ms per call: streaming all the role's weights
+    through the caches as a real forward does, rather than re-reading one hot weight."""
+    t0 = time.perf_counter()
+    for fn in fns:
+        fn(x)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1000 / len(fns)
+
+
+@torch.inference_mode()
+def tune(
+    mode: str, weights: list[tuple[torch.Tensor, torch.Tensor | None]], buckets: tuple[int, ...], rounds: int
+) -> tuple[dict[str, list[Kernel]], list[str], list[dict[str, float]]]:
+    """Per bucket, the fastest kernel for a role's weights; returns the built kernels, the choice and timings.
+
+    Candidates are timed in interleaved rounds and scored by their best round: a noisy neighbour only
+    ever adds time, and interleaving spreads its bursts over all candidates. A candidate more than 4x
+    slower than the best stops being timed at larger buckets (costs only grow with rows).
+    """
+    w0 = weights[0][0]
+    built = {name: [make(w, b) for w, b in weights] for name, make in candidates(mode, w0).items()}
+    alive = list(built)
+    choice: list[str] = []
+    timings: list[dict[str, float]] = []
+    for rows in buckets:
+        x = torch.randn(rows, w0.shape[1], dtype=w0.dtype, device=w0.device)
+        for name in alive:
+            built[name][0](x)  # warm-up: first-call allocations and kernel selection
+        best = dict.fromkeys(alive, float("inf"))
+        for _ in range(rounds):
+            for name in alive:
+                best[name] = min(best[name], _pass_ms(built[name], x))
+        winner = min(best, key=best.__getitem__)
+        choice.append(winner)
+        timings.append(best)
+        alive = [n for n in alive if best[n] <= 4 * best[winner]]
+    return built, choice, timings
+
+
+@torch.inference_mode()
+def prepare_linears(slots: Iterator[LinearSlot], mode: str, rounds: int = 5) -> KernelReport:
+    """Replace every slot's weight by a `Linear` whose kernel per bucket was measured on its role."""
+    report = KernelReport(mode)
+    by_role: dict[str, list[LinearSlot]] = {}
+    for s in slots:
+        by_role.setdefault(s.role, []).append(s)
+    for role, group in by_role.items():
+        weights = [(s.get(s.name), s.get(s.bias_name) if s.bias_name else None) for s in group]
+        buckets = LOGIT_BUCKETS if role == "lm_head" else ROW_BUCKETS
+        built, choice, timings = tune(mode, weights, buckets, rounds)
+        for rows, best, times in zip(buckets, choice, timings, strict=True):
+            report.rows.append((role, rows, best, times))
+        choice += [choice[-1]] * (len(ROW_BUCKETS) - len(choice))
+        for i, s in enumerate(group):
+            kernels = {name: built[name][i] for name in set(choice)}
+            s.set(s.name, Linear(kernels, choice, weights[i][0].shape[0]))
+            if s.bias_name:
+                s.set(s.bias_name, None)
+        del built  # the losing layouts go now
+    for line in report.lines():
+        log.info("kernel %s", line)
+    return report

@@ -1,0 +1,67 @@
+"""Weight-only quantization for the CPU kernels torch ships: int8 per output channel, int4 per group.
+
+Both keep activations in floating point. Every kernel of one precision computes with the same
+quantized weights (`dequantized` returns exactly what the packed kernel multiplies by), so the
+choice of kernel per batch size changes rounding of the activations at most, never the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+INT4_GROUP = 32
+"""Inputs per int4 group: the block size of GGUF's Q4_0/Q4_1, so a Q4_1 weight is represented exactly
+(its block minimum and maximum are on the grid) up to the bf16 rounding of the scale and offset."""
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    q: torch.Tensor  # [out, in] int8
+    scales: torch.Tensor  # [out] fp32
+
+    def dequantized(self) -> torch.Tensor:
+        return self.q.float() * self.scales[:, None]  # [out, in]
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    packed: torch.Tensor  # the kernel's own packed layout of [out, in] nibbles
+    scale_zero: torch.Tensor  # [in / group, out, 2] bf16: w = (q - 8) * scale + zero
+    codes: torch.Tensor  # [out, in] uint8 in 0..15, kept to rebuild the exact dequantized weight
+
+    def dequantized(self) -> torch.Tensor:
+        out, k = self.codes.shape
+        sz = self.scale_zero.float().transpose(0, 1)  # [out, in / group, 2]
+        q = self.codes.view(out, k // INT4_GROUP, INT4_GROUP).float() - 8  # [out, groups, group]
+        return (q * sz[..., :1] + sz[..., 1:]).view(out, k)  # [out, in]
+
+
+def quantize_int8(w: torch.Tensor) -> Int8Weight:
+    """Symmetric per-output-channel int8: w ~ q * scale, |q| <= 127."""
+    w = w.detach().float().cpu()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)  # [out]
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return Int8Weight(q, scales)
+
+
+def int4_supported(w: torch.Tensor) -> bool:
+    """torch's CPU int4 kernel wants whole groups along the input and an even output count."""
+    out, k = w.shape
+    return k % INT4_GROUP == 0 and out % 2 == 0
+
+
+def quantize_int4(w: torch.Tensor) -> Int4Weight:
+    """Asymmetric int4 per group of 32 inputs: scale = (max - min) / 15, grid offset at the minimum."""
+    w = w.detach().float().cpu()
+    out, k = w.shape
+    g = w.view(out, k // INT4_GROUP, INT4_GROUP)  # [out, groups, group]
+    lo, hi = g.amin(-1), g.amax(-1)  # [out, groups]
+    scale = ((hi - lo) / 15).clamp(min=1e-12).to(torch.bfloat16).float()
+    zero = (lo + 8 * scale).to(torch.bfloat16).float()  # the value of code 8
+    codes = torch.round((g - zero[..., None]) / scale[..., None] + 8).clamp(0, 15)
+    codes_u8 = codes.to(torch.uint8).view(out, k)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes_u8.to(torch.int32), 1)
+    scale_zero = torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return Int4Weight(packed, scale_zero, codes_u8)
