@@ -49,13 +49,19 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="auto: bf16 on CUDA, fp32 on CPU",
     )
+    parser.add_argument(
+        "--weights",
+        default="auto",
+        choices=["auto", "dense", "int8", "int4"],
+        help="matmul weight precision; auto: int8 weight-only on CPU, dense elsewhere",
+    )
 
 
 def model_from_args(args: argparse.Namespace) -> LoadedModel:
     from .loader import load_model, resolve_device_dtype
 
     device, dtype = resolve_device_dtype(args.device, args.dtype)
-    return load_model(args.model, dtype=dtype, device=str(device))
+    return load_model(args.model, dtype=dtype, device=str(device), weights=args.weights)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,6 +52,10 @@ class EngineConfig:
     """'auto' picks CUDA when present, else CPU; or an explicit torch device string."""
     dtype: str = "auto"
     """'auto' is bf16 on CUDA and fp32 on CPU; or one of float32, bfloat16, float16."""
+    weights: str = "auto"
+    """Matmul weight precision: 'dense' (the dtype above, exact), 'int8' (per-channel weight-only),
+    'int4' (per group of 32, the GGUF Q4 block), or 'auto' (int8 on CPU, dense elsewhere). Kernels per
+    batch size are measured at load whichever is chosen (see streaming_core/linear.py)."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     """Sink+window slot shape and pool size."""
     max_batch_tokens: int = 512
@@ -62,6 +66,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.weights not in ("auto", "dense", "int8", "int4"):
+            raise ValueError(f"weights must be auto, dense, int8 or int4, got {self.weights!r}")
         if self.max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
         if self.max_waiting < 0:

@@ -352,5 +352,7 @@ def build_engine(config: EngineConfig, data_dir: Any = None) -> Engine:
     from .loader import load_model, resolve_device_dtype
 
     device, dtype = resolve_device_dtype(config.device, config.dtype)
-    loaded = load_model(config.model, dtype=dtype, device=str(device), data_dir=data_dir)
+    loaded = load_model(
+        config.model, dtype=dtype, device=str(device), data_dir=data_dir, weights=config.weights
+    )
     return Engine(loaded.model, loaded.tokenizer, config, eos_token_ids(loaded.tokenizer, loaded.hf_config))

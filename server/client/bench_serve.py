@@ -29,6 +29,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--api-key", default="none")
     p.add_argument("--concurrency", default="1,4,16,32", help="comma-separated client counts")
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy, as in the peer comparison")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     p.add_argument("--plot", help="write a PNG of throughput and latency against concurrency")
     p.set_defaults(func=run)
@@ -41,37 +42,49 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def one_client(client: Any, model: str, i: int, max_tokens: int) -> dict[str, Any]:
+async def one_client(client: Any, model: str, i: int, max_tokens: int, temperature: float) -> dict[str, Any]:
+    """One streamed chat completion; tokens counted from the usage chunk when the server sends one
+    (any OpenAI-compatible server: llama.cpp's included), else one per content chunk."""
     start = time.perf_counter()
     stamps: list[float] = []
+    tokens = None
     stream = await client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": f"Tell me a long story about lighthouse number {i}."}],
         stream=True,
         max_tokens=max_tokens,
-        temperature=0.8,
+        temperature=temperature,
         seed=i,
+        stream_options={"include_usage": True},
         extra_body={"ignore_eos": True},
     )
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             stamps.append(time.perf_counter())
+        if getattr(chunk, "usage", None) is not None:
+            tokens = chunk.usage.completion_tokens
     gaps = [b - a for a, b in itertools.pairwise(stamps)]
-    return {"ttft": stamps[0] - start if stamps else float("nan"), "itl": gaps, "chunks": len(stamps)}
+    return {
+        "ttft": stamps[0] - start if stamps else float("nan"),
+        "itl": gaps,
+        "tokens": tokens if tokens is not None else len(stamps),
+    }
 
 
-async def level(url: str, api_key: str, model: str, n: int, max_tokens: int) -> dict[str, float]:
+async def level(
+    url: str, api_key: str, model: str, n: int, max_tokens: int, temperature: float = 0.0
+) -> dict[str, float]:
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key, timeout=600, max_retries=0)
     start = time.perf_counter()
-    runs = await asyncio.gather(*(one_client(client, model, i, max_tokens) for i in range(n)))
+    runs = await asyncio.gather(*(one_client(client, model, i, max_tokens, temperature) for i in range(n)))
     wall = time.perf_counter() - start
     await client.close()
     ttft = [r["ttft"] for r in runs]
     itl = [g for r in runs for g in r["itl"]]
     return {
-        "tok_per_s": n * max_tokens / wall,
+        "tok_per_s": sum(r["tokens"] for r in runs) / wall,
         "ttft_p50_s": statistics.median(ttft),
         "ttft_p99_s": pct(ttft, 0.99),
         "itl_p50_s": pct(itl, 0.5),
@@ -89,7 +102,9 @@ def run(args: argparse.Namespace) -> int:
         model = OpenAI(base_url=f"{url}/v1", api_key=args.api_key).models.list().data[0].id
         asyncio.run(level(url, args.api_key, model, 1, 8))  # warm-up
         for n in tqdm(levels, desc="concurrency"):
-            results[str(n)] = asyncio.run(level(url, args.api_key, model, n, args.max_tokens))
+            results[str(n)] = asyncio.run(
+                level(url, args.api_key, model, n, args.max_tokens, args.temperature)
+            )
     rows = [
         (
             n,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,9 +68,10 @@ class DecoderModel:
         self.head = self.lm_head  # type: ignore[assignment]  # replaced by its Linear below
         yield LinearSlot("lm_head", self, "head", None)
 
-    def prepare(self, weights: str = "dense", rounds: int = 5) -> KernelReport:
-        """Put every weight in the layouts and kernels measured fastest here for `weights` precision."""
-        self.kernels = prepare_linears(self.linear_slots(), weights, rounds)
+    def prepare(self, weights: str = "dense", cache_dir: Path | None = None) -> KernelReport:
+        """Put every weight in the layouts and kernels measured fastest here for `weights` precision
+        (the measurement is reused from `cache_dir` when this machine already made it)."""
+        self.kernels = prepare_linears(self.linear_slots(), weights, cache_dir=cache_dir)
         return self.kernels
 
 
