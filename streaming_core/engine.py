@@ -69,7 +69,6 @@ class Engine:
         self.runner = ModelRunner(model, self.pool)
         self.scheduler = Scheduler(config.cache, config.max_batch_tokens, config.max_waiting)
         self.eos = set(eos_token_ids)
-        self.generator = torch.Generator().manual_seed(0)
         self.requests: dict[str, Request] = {}
         self._inbox: list[Callable[[], None]] = []
         self._wake = threading.Condition()
@@ -102,20 +101,27 @@ class Engine:
         cap = self.config.cache.capacity
         if sink_tokens is not None and not 0 <= sink_tokens < cap:
             raise ValueError(f"sink_tokens must be in [0, {cap - 1}], got {sink_tokens}")
+        self._check_vocab(tokens, *((rebuild.sinks, rebuild.tail) if rebuild else ()))
         stream = RequestStream(loop)
         request_id = f"req-{uuid.uuid4().hex[:16]}"
-        sampler = (
-            None if params is None else RequestSampler(params, tokens, self.model.vocab_size, self.generator)
-        )
         detok = None if params is None else IncrementalDetokenizer(self.tokenizer, params.stop)
 
         def add() -> None:
+            if self._stopping:
+                stream.put(TokenEvent(None, "", finish_reason="abort"))
+                return
             sid = session_id or f"tmp-{request_id}"
             session = self.scheduler.session(sid, ephemeral=session_id is None, sink_tokens=sink_tokens)
-            req = Request(session, list(tokens), params, sampler, stream, detok, id=request_id)
+            req = Request(session, list(tokens), params, None, stream, detok, id=request_id)
+            held = [*session.sinks, *session.tail]
             if rebuild is not None and session.tokens_seen == 0 and session.request is None:
-                req.prompt = [*rebuild.sinks, *rebuild.tail, *tokens]
+                held = [*rebuild.sinks, *rebuild.tail]
+                req.prompt = [*held, *tokens]
                 req.resume = (len(rebuild.sinks), rebuild.tokens_seen - len(rebuild.tail))
+                req.advance(0)  # without sinks the jump in stream index comes before the first chunk
+            if params is not None:
+                # the penalties look at what the cache will hold, as for a stateless request of the same stream
+                req.sampler = RequestSampler(params, [*held, *tokens], self.model.vocab_size)
             try:
                 self.scheduler.add(req)
             except (QueueFull, SessionBusy) as e:
@@ -128,6 +134,14 @@ class Engine:
 
         self.call(add)
         return Handle(request_id, stream)
+
+    def _check_vocab(self, *token_lists: list[int]) -> None:
+        """Refuse ids the model cannot embed, e.g. a session record written under another model's vocabulary."""
+        v = self.model.vocab_size
+        for toks in token_lists:
+            bad = next((t for t in toks if not 0 <= t < v), None)
+            if bad is not None:
+                raise ValueError(f"token ids must be in [0, {v}) for this model, got {bad}")
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (client gone); it ends within one step and its session keeps what was consumed."""
@@ -149,12 +163,13 @@ class Engine:
             except BaseException as e:
                 fut.set_exception(e)
 
-        if self._thread is None:
-            job()
-        else:
-            with self._wake:
+        with self._wake:  # the loop thread drains the inbox and clears _thread under this lock
+            queued = self._thread is not None
+            if queued:
                 self._inbox.append(job)
                 self._wake.notify()
+        if not queued:
+            job()
         return fut
 
     def stats(self, session_id: str) -> SessionStats | None:
@@ -223,36 +238,63 @@ class Engine:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop after the current step; in-flight requests end with an 'abort' event."""
+        """Stop after the current step: in-flight requests end with an 'abort' event, calls still queued
+        are run (a submit is refused with 'abort'), and later calls run inline."""
         with self._wake:
             self._stopping = True
+            thread = self._thread
             self._wake.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self._thread = None
-        for req in list(self.requests.values()):
-            self._finish(req, "abort")
+        if thread is None:
+            self._abort_all()
+        else:
+            thread.join(timeout)
+            if thread.is_alive():
+                log.error("the engine loop did not stop within %.0f s (a step is hung)", timeout)
 
     def _loop(self) -> None:
         while True:
             with self._wake:
                 while not self._inbox and not self.scheduler.has_work and not self._stopping:
                     self._wake.wait()
-                if self._stopping:
-                    return
                 jobs, self._inbox = self._inbox, []
             for job in jobs:
                 job()
+            if self._stopping:
+                self._shut_down()
+                return
             if self.scheduler.has_work:
                 self._safe_step()
+
+    def _shut_down(self) -> None:
+        """On the loop thread: end every request, then run what is still queued until nothing is."""
+        self._abort_all()
+        while True:
+            with self._wake:
+                jobs, self._inbox = self._inbox, []
+                if not jobs:
+                    self._thread = None  # from here on, calls run inline
+                    return
+            for job in jobs:
+                job()
+
+    def _abort_all(self) -> None:
+        for req in list(self.requests.values()):
+            self._finish(req, "abort")
 
     def _safe_step(self) -> None:
         try:
             self.step()
         except Exception as e:  # a failed step must not kill the loop: fail its requests instead
             log.exception("engine step failed")
-            for req in list(self.scheduler.running):
-                self._finish(req, "error", error=f"engine step failed: {e}")
+            self._fail_running(f"engine step failed: {e}")
+
+    def _fail_running(self, error: str) -> None:
+        """End every running request with an error and forget its session: a failed step may have written
+        KV it never accounted for, so none of it is reused; the next turn rebuilds from the record."""
+        for req in list(self.scheduler.running):
+            self._finish(req, "error", error=error)
+            for sid in self.scheduler.close(req.session.id):
+                self.runner.host.pop(sid, None)
 
     def run_until_done(self, *handles: Handle) -> None:
         """Drive steps inline until the given requests have ended (no loop thread)."""
