@@ -114,7 +114,8 @@ class Engine:
             session = self.scheduler.session(sid, ephemeral=session_id is None, sink_tokens=sink_tokens)
             req = Request(session, list(tokens), params, None, stream, detok, id=request_id)
             held = [*session.sinks, *session.tail]
-            if rebuild is not None and session.tokens_seen == 0 and session.request is None:
+            fresh = session.tokens_seen == 0 and session.request is None
+            if rebuild is not None and fresh:
                 held = [*rebuild.sinks, *rebuild.tail]
                 req.prompt = [*held, *tokens]
                 req.resume = (len(rebuild.sinks), rebuild.tokens_seen - len(rebuild.tail))
@@ -125,7 +126,7 @@ class Engine:
             try:
                 self.scheduler.add(req)
             except (QueueFull, SessionBusy) as e:
-                if session.request is None and session.tokens_seen == 0:
+                if fresh:
                     self.scheduler.close(sid)
                 code = "queue_full" if isinstance(e, QueueFull) else "session_busy"
                 stream.put(TokenEvent(None, "", finish_reason="error", error=code))

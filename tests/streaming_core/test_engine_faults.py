@@ -4,6 +4,7 @@ penalties over the session, shutdown with queued work."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -184,7 +185,7 @@ def test_stop_resolves_queued_calls_and_racing_submits(model):
     stopper = threading.Thread(target=engine.stop, daemon=True)
     stopper.start()
     while not engine._stopping:
-        pass
+        time.sleep(0.001)
     gate.set()
     stopper.join(10)
     caller.join(10)
@@ -198,3 +199,16 @@ def test_stop_resolves_queued_calls_and_racing_submits(model):
     assert engine.stats("a") is not None
     late = engine.submit("c", prompt(3, 53), GREEDY)
     assert late.stream.done.wait(5) and list(late.stream)[-1].finish_reason == "abort"
+
+
+def test_refused_rebuild_leaves_no_session(model):
+    """A rebuild refused at once (full queue) leaves nothing behind: the next try rebuilds from scratch."""
+    engine = make_engine(model)
+    engine.scheduler.max_waiting = 0
+    record = Rebuild([], prompt(40, 54), 100)
+    events = turn(engine, "s", [3], GREEDY, rebuild=record, sink_tokens=0)
+    assert [e.error for e in events] == ["queue_full"]
+    assert engine.stats("s") is None
+    engine.scheduler.max_waiting = 8
+    turn(engine, "s", [3], SamplingParams(max_tokens=1, temperature=0), rebuild=record, sink_tokens=0)
+    assert engine.stats("s").tokens_seen == 101
