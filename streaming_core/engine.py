@@ -3,14 +3,14 @@
 Thread model: callers (the HTTP server's event loop, the CLI) reach the engine only through
 `submit`, `abort` and `call`; what they ask is queued and applied by the loop thread between steps,
 so the scheduler and the sessions are only ever touched by one thread. Without a started loop thread
-the same calls run inline and `run_until_done` drives the steps (tests, benchmarks).
+the same calls run inline and `run_until_done` drives the steps (tests, benchmarks). The thread itself
+and its stop logic are in engine_loop.py; loading a model into an engine is `loader.build_engine`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
@@ -22,33 +22,17 @@ import torch
 from .batch import StepOutput
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
+from .engine_loop import EngineLoop
 from .kv_pool import KVPool
 from .models import DecoderModel
 from .positions import ring_index
 from .runner import ModelRunner
 from .sampler import RequestSampler, SamplingParams, sample
 from .scheduler import QueueFull, Scheduled, Scheduler, SessionBusy
-from .session import Request, RequestStream, SessionStats, TokenEvent
+from .session import Rebuild, Request, RequestStream, SessionStats, TokenEvent
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Rebuild:
-    """What a session's KV is recomputed from: its sinks, its recent tail, and how many tokens it had seen.
-
-    While nothing was evicted (tokens_seen <= capacity) the rebuilt KV is exact; past that, the window is
-    recomputed without the evicted context that originally preceded it (StreamingLLM keeps no more).
-    """
-
-    sinks: list[int]
-    tail: list[int]
-    tokens_seen: int
-
-    def __post_init__(self) -> None:
-        if self.tokens_seen < len(self.sinks) + len(self.tail):
-            raise ValueError("tokens_seen is smaller than the sinks plus the tail")
 
 
 @dataclass(frozen=True)
@@ -70,10 +54,7 @@ class Engine:
         self.scheduler = Scheduler(config.cache, config.max_batch_tokens, config.max_waiting)
         self.eos = set(eos_token_ids)
         self.requests: dict[str, Request] = {}
-        self._inbox: list[Callable[[], None]] = []
-        self._wake = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
+        self.loop = EngineLoop(lambda: self.scheduler.has_work, self._safe_step, self._abort_all)
         self.steps = 0
         self.on_step: Callable[[Engine, list[Scheduled]], None] | None = None
         """Hook for metrics, called on the loop thread after every step."""
@@ -107,7 +88,7 @@ class Engine:
         detok = None if params is None else IncrementalDetokenizer(self.tokenizer, params.stop)
 
         def add() -> None:
-            if self._stopping:
+            if self.loop.stopping:
                 stream.put(TokenEvent(None, "", finish_reason="abort"))
                 return
             sid = session_id or f"tmp-{request_id}"
@@ -156,22 +137,7 @@ class Engine:
 
     def call(self, fn: Callable[[], T]) -> Future[T]:
         """Run `fn` on the loop thread between steps (inline when no loop thread runs)."""
-        fut: Future[T] = Future()
-
-        def job() -> None:
-            try:
-                fut.set_result(fn())
-            except BaseException as e:
-                fut.set_exception(e)
-
-        with self._wake:  # the loop thread drains the inbox and clears _thread under this lock
-            queued = self._thread is not None
-            if queued:
-                self._inbox.append(job)
-                self._wake.notify()
-        if not queued:
-            job()
-        return fut
+        return self.loop.call(fn)
 
     def stats(self, session_id: str) -> SessionStats | None:
         return self.call(lambda: self._stats(session_id)).result()
@@ -232,51 +198,18 @@ class Engine:
 
         self.call(move).result()
 
-    # -- loop --------------------------------------------------------------------------------------
+    # -- loop (engine_loop.py) --------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.loop.running
+
     def start(self) -> None:
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="streamllm-engine", daemon=True)
-        self._thread.start()
+        self.loop.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop after the current step: in-flight requests end with an 'abort' event, calls still queued
         are run (a submit is refused with 'abort'), and later calls run inline."""
-        with self._wake:
-            self._stopping = True
-            thread = self._thread
-            self._wake.notify()
-        if thread is None:
-            self._abort_all()
-        else:
-            thread.join(timeout)
-            if thread.is_alive():
-                log.error("the engine loop did not stop within %.0f s (a step is hung)", timeout)
-
-    def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._inbox and not self.scheduler.has_work and not self._stopping:
-                    self._wake.wait()
-                jobs, self._inbox = self._inbox, []
-            for job in jobs:
-                job()
-            if self._stopping:
-                self._shut_down()
-                return
-            if self.scheduler.has_work:
-                self._safe_step()
-
-    def _shut_down(self) -> None:
-        """On the loop thread: end every request, then run what is still queued until nothing is."""
-        self._abort_all()
-        while True:
-            with self._wake:
-                jobs, self._inbox = self._inbox, []
-                if not jobs:
-                    self._thread = None  # from here on, calls run inline
-                    return
-            for job in jobs:
-                job()
+        self.loop.stop(timeout)
 
     def _abort_all(self) -> None:
         for req in list(self.requests.values()):
@@ -299,7 +232,7 @@ class Engine:
 
     def run_until_done(self, *handles: Handle) -> None:
         """Drive steps inline until the given requests have ended (no loop thread)."""
-        assert self._thread is None, "the loop thread is running"
+        assert not self.running, "the loop thread is running"
         while not all(h.stream.done.is_set() for h in handles):
             if not self.scheduler.has_work:
                 raise RuntimeError("requests pending but nothing scheduled")
@@ -377,23 +310,3 @@ class Engine:
         return SessionStats(
             s.id, s.tokens_seen, s.cache_tokens, s.evicted, s.location.value, s.slot, s.request is not None
         )
-
-
-def eos_token_ids(tokenizer: Any, hf_config: Any) -> set[int]:
-    """End-of-sequence ids from the tokenizer and the model config (which may list several)."""
-    ids: set[int] = set()
-    for value in (getattr(tokenizer, "eos_token_id", None), getattr(hf_config, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list | tuple):
-            ids.update(int(v) for v in value)
-    return ids
-
-
-def build_engine(config: EngineConfig, data_dir: Any = None) -> Engine:
-    """Load the configured model and wrap it in an engine (not started)."""
-    from .loader import load_model, resolve_device_dtype
-
-    device, dtype = resolve_device_dtype(config.device, config.dtype)
-    loaded = load_model(config.model, dtype=dtype, device=str(device), data_dir=data_dir)
-    return Engine(loaded.model, loaded.tokenizer, config, eos_token_ids(loaded.tokenizer, loaded.hf_config))

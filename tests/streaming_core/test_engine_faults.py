@@ -29,7 +29,7 @@ def model():
 def turn(engine: Engine, sid: str | None, tokens: list[int], params=GREEDY, **kw: Any) -> list[TokenEvent]:
     """All events of one turn, read synchronously (works with or without the loop thread)."""
     h = engine.submit(sid, tokens, params, **kw)
-    if engine._thread is None:
+    if not engine.running:
         engine.run_until_done(h)
     return list(h.stream)
 
@@ -184,7 +184,7 @@ def test_stop_resolves_queued_calls_and_racing_submits(model):
     racing = engine.submit("b", prompt(6, 52), GREEDY)
     stopper = threading.Thread(target=engine.stop, daemon=True)
     stopper.start()
-    while not engine._stopping:
+    while not engine.loop.stopping:
         time.sleep(0.001)
     gate.set()
     stopper.join(10)
@@ -194,7 +194,7 @@ def test_stop_resolves_queued_calls_and_racing_submits(model):
     assert running.stream.done.wait(5) and racing.stream.done.wait(5)
     assert list(running.stream)[-1].finish_reason == "abort"
     assert list(racing.stream)[-1].finish_reason == "abort"
-    assert engine.requests == {} and engine._thread is None
+    assert engine.requests == {} and not engine.running
     # after stop, calls run inline and a new submit is refused at once rather than never served
     assert engine.stats("a") is not None
     late = engine.submit("c", prompt(3, 53), GREEDY)
