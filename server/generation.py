@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastapi import Request
+
 from streaming_core.sampler import SamplingParams
 from streaming_core.session import TokenEvent
 
@@ -63,9 +65,10 @@ def sampling_params(
 
 
 async def start_turn(
-    serving: Serving, plan: TurnPlan, params: SamplingParams, param: str
+    serving: Serving, plan: TurnPlan, params: SamplingParams, param: str, request: Request | None = None
 ) -> tuple[Turn, TokenEvent]:
-    """Check the plan against the per-request prompt limit, submit it, and wait for its first event."""
+    """Check the plan against the per-request prompt limit, submit it, and wait for its first event
+    (a `request` whose client disconnects meanwhile aborts the turn)."""
     limit = serving.settings.server.max_prompt_tokens
     if len(plan.tokens) > limit:
         await serving.manager.abandon(plan)
@@ -76,7 +79,7 @@ async def start_turn(
             code="context_length_exceeded",
         )
     turn = Turn(serving, plan, params)
-    return turn, await turn.start()
+    return turn, await turn.start(request)
 
 
 def session_headers(session_id: str | None) -> dict[str, str]:

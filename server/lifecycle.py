@@ -19,8 +19,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from streaming_core.engine import Engine, build_engine
-from streaming_core.loader import DEFAULT_GGUF
+from streaming_core.engine import Engine
+from streaming_core.loader import DEFAULT_GGUF, build_engine
 
 from .conversation.manager import ConversationManager, default_replica_id
 from .conversation.replicas import Replicas

@@ -24,6 +24,8 @@ from .errors import APIError
 from .lifecycle import Serving
 
 log = logging.getLogger(__name__)
+_WATCH_S = 0.05
+"""How often a client is checked for a disconnect while no event goes out (a poll costs microseconds)."""
 
 _REFUSALS = {
     "session_busy": (409, "the session already has a request in progress"),
@@ -40,7 +42,7 @@ class Turn:
         """Events that carried a token (logprobs are built from them)."""
         self.text = ""
         self.final: TokenEvent | None = None
-        self.shutdown = False
+        self.shutdown = self.client_gone = False
         self.store_error: APIError | None = None
         self._settled = self._cancelled = False
         self._started = self._last = time.monotonic()
@@ -53,8 +55,9 @@ class Turn:
     def completion_tokens(self) -> int:
         return self.final.completion_tokens if self.final else len(self.tokens)
 
-    async def start(self) -> TokenEvent:
-        """Submit and wait for the first event; a refused or failed start raises APIError, the plan abandoned."""
+    async def start(self, request: Request | None = None) -> TokenEvent:
+        """Submit and wait for the first event; a refused or failed start raises APIError, the plan abandoned.
+        A `request` whose client disconnects meanwhile (a long prefill) aborts the turn within a step."""
         s, plan = self.serving, self.plan
         if plan.rebuild is not None:
             s.metrics.rebuilds.labels(s.model_name).inc()
@@ -63,7 +66,7 @@ class Turn:
         try:
             self.handle = s.manager.submit(plan, self.params, loop=loop)
             self._events = aiter(self.handle.stream)
-            first = await anext(self._events)
+            first = await self._first(request)
         except BaseException:
             self.cancel()
             raise
@@ -71,6 +74,16 @@ class Turn:
             await self._settle(first)
             raise self.failure(first)
         return first
+
+    async def _first(self, request: Request | None) -> TokenEvent:
+        assert self._events is not None
+        if request is None:
+            return await anext(self._events)
+        watcher = asyncio.get_running_loop().create_task(self._watch(request))
+        try:
+            return await anext(self._events)
+        finally:
+            watcher.cancel()
 
     def error(self) -> APIError | None:
         """Why the turn did not complete (aborted, failed, or its commit failed); None if it did."""
@@ -85,6 +98,8 @@ class Turn:
         if event.error in _REFUSALS:
             status, message = _REFUSALS[event.error]
             return APIError(status, message, code=event.error)
+        if self.client_gone:
+            return APIError(400, "the client disconnected", code="client_disconnected")
         if self.shutdown or event.finish_reason == "abort":
             return APIError(503, "the server is shutting down", code="shutting_down")
         return APIError(500, f"generation failed: {event.error or 'unknown error'}", code="generation_failed")
@@ -117,8 +132,9 @@ class Turn:
 
     async def _watch(self, request: Request) -> None:
         while not await request.is_disconnected():
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(_WATCH_S)
         log.info("client gone: aborting %s", self.request_id)
+        self.client_gone = True
         self.interrupt()
 
     @property

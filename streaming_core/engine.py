@@ -3,14 +3,14 @@
 Thread model: callers (the HTTP server's event loop, the CLI) reach the engine only through
 `submit`, `abort` and `call`; what they ask is queued and applied by the loop thread between steps,
 so the scheduler and the sessions are only ever touched by one thread. Without a started loop thread
-the same calls run inline and `run_until_done` drives the steps (tests, benchmarks).
+the same calls run inline and `run_until_done` drives the steps (tests, benchmarks). The thread itself
+and its stop logic are in engine_loop.py; loading a model into an engine is `loader.build_engine`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
@@ -22,33 +22,17 @@ import torch
 from .batch import StepOutput
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
+from .engine_loop import EngineLoop
 from .kv_pool import KVPool
 from .models import DecoderModel
 from .positions import ring_index
 from .runner import ModelRunner
 from .sampler import RequestSampler, SamplingParams, sample
 from .scheduler import QueueFull, Scheduled, Scheduler, SessionBusy
-from .session import Request, RequestStream, SessionStats, TokenEvent
+from .session import Rebuild, Request, RequestStream, SessionStats, TokenEvent
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Rebuild:
-    """What a session's KV is recomputed from: its sinks, its recent tail, and how many tokens it had seen.
-
-    While nothing was evicted (tokens_seen <= capacity) the rebuilt KV is exact; past that, the window is
-    recomputed without the evicted context that originally preceded it (StreamingLLM keeps no more).
-    """
-
-    sinks: list[int]
-    tail: list[int]
-    tokens_seen: int
-
-    def __post_init__(self) -> None:
-        if self.tokens_seen < len(self.sinks) + len(self.tail):
-            raise ValueError("tokens_seen is smaller than the sinks plus the tail")
 
 
 @dataclass(frozen=True)
@@ -69,12 +53,8 @@ class Engine:
         self.runner = ModelRunner(model, self.pool)
         self.scheduler = Scheduler(config.cache, config.max_batch_tokens, config.max_waiting)
         self.eos = set(eos_token_ids)
-        self.generator = torch.Generator().manual_seed(0)
         self.requests: dict[str, Request] = {}
-        self._inbox: list[Callable[[], None]] = []
-        self._wake = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
+        self.loop = EngineLoop(lambda: self.scheduler.has_work, self._safe_step, self._abort_all)
         self.steps = 0
         self.on_step: Callable[[Engine, list[Scheduled]], None] | None = None
         """Hook for metrics, called on the loop thread after every step."""
@@ -102,24 +82,32 @@ class Engine:
         cap = self.config.cache.capacity
         if sink_tokens is not None and not 0 <= sink_tokens < cap:
             raise ValueError(f"sink_tokens must be in [0, {cap - 1}], got {sink_tokens}")
+        self._check_vocab(tokens, *((rebuild.sinks, rebuild.tail) if rebuild else ()))
         stream = RequestStream(loop)
         request_id = f"req-{uuid.uuid4().hex[:16]}"
-        sampler = (
-            None if params is None else RequestSampler(params, tokens, self.model.vocab_size, self.generator)
-        )
         detok = None if params is None else IncrementalDetokenizer(self.tokenizer, params.stop)
 
         def add() -> None:
+            if self.loop.stopping:
+                stream.put(TokenEvent(None, "", finish_reason="abort"))
+                return
             sid = session_id or f"tmp-{request_id}"
             session = self.scheduler.session(sid, ephemeral=session_id is None, sink_tokens=sink_tokens)
-            req = Request(session, list(tokens), params, sampler, stream, detok, id=request_id)
-            if rebuild is not None and session.tokens_seen == 0 and session.request is None:
-                req.prompt = [*rebuild.sinks, *rebuild.tail, *tokens]
+            req = Request(session, list(tokens), params, None, stream, detok, id=request_id)
+            held = [*session.sinks, *session.tail]
+            fresh = session.tokens_seen == 0 and session.request is None
+            if rebuild is not None and fresh:
+                held = [*rebuild.sinks, *rebuild.tail]
+                req.prompt = [*held, *tokens]
                 req.resume = (len(rebuild.sinks), rebuild.tokens_seen - len(rebuild.tail))
+                req.advance(0)  # without sinks the jump in stream index comes before the first chunk
+            if params is not None:
+                # the penalties look at what the cache will hold, as for a stateless request of the same stream
+                req.sampler = RequestSampler(params, [*held, *tokens], self.model.vocab_size)
             try:
                 self.scheduler.add(req)
             except (QueueFull, SessionBusy) as e:
-                if session.request is None and session.tokens_seen == 0:
+                if fresh:
                     self.scheduler.close(sid)
                 code = "queue_full" if isinstance(e, QueueFull) else "session_busy"
                 stream.put(TokenEvent(None, "", finish_reason="error", error=code))
@@ -128,6 +116,14 @@ class Engine:
 
         self.call(add)
         return Handle(request_id, stream)
+
+    def _check_vocab(self, *token_lists: list[int]) -> None:
+        """Refuse ids the model cannot embed, e.g. a session record written under another model's vocabulary."""
+        v = self.model.vocab_size
+        for toks in token_lists:
+            bad = next((t for t in toks if not 0 <= t < v), None)
+            if bad is not None:
+                raise ValueError(f"token ids must be in [0, {v}) for this model, got {bad}")
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (client gone); it ends within one step and its session keeps what was consumed."""
@@ -141,21 +137,7 @@ class Engine:
 
     def call(self, fn: Callable[[], T]) -> Future[T]:
         """Run `fn` on the loop thread between steps (inline when no loop thread runs)."""
-        fut: Future[T] = Future()
-
-        def job() -> None:
-            try:
-                fut.set_result(fn())
-            except BaseException as e:
-                fut.set_exception(e)
-
-        if self._thread is None:
-            job()
-        else:
-            with self._wake:
-                self._inbox.append(job)
-                self._wake.notify()
-        return fut
+        return self.loop.call(fn)
 
     def stats(self, session_id: str) -> SessionStats | None:
         return self.call(lambda: self._stats(session_id)).result()
@@ -216,47 +198,41 @@ class Engine:
 
         self.call(move).result()
 
-    # -- loop --------------------------------------------------------------------------------------
+    # -- loop (engine_loop.py) --------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.loop.running
+
     def start(self) -> None:
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="streamllm-engine", daemon=True)
-        self._thread.start()
+        self.loop.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop after the current step; in-flight requests end with an 'abort' event."""
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self._thread = None
+        """Stop after the current step: in-flight requests end with an 'abort' event, calls still queued
+        are run (a submit is refused with 'abort'), and later calls run inline."""
+        self.loop.stop(timeout)
+
+    def _abort_all(self) -> None:
         for req in list(self.requests.values()):
             self._finish(req, "abort")
-
-    def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._inbox and not self.scheduler.has_work and not self._stopping:
-                    self._wake.wait()
-                if self._stopping:
-                    return
-                jobs, self._inbox = self._inbox, []
-            for job in jobs:
-                job()
-            if self.scheduler.has_work:
-                self._safe_step()
 
     def _safe_step(self) -> None:
         try:
             self.step()
         except Exception as e:  # a failed step must not kill the loop: fail its requests instead
             log.exception("engine step failed")
-            for req in list(self.scheduler.running):
-                self._finish(req, "error", error=f"engine step failed: {e}")
+            self._fail_running(f"engine step failed: {e}")
+
+    def _fail_running(self, error: str) -> None:
+        """End every running request with an error and forget its session: a failed step may have written
+        KV it never accounted for, so none of it is reused; the next turn rebuilds from the record."""
+        for req in list(self.scheduler.running):
+            self._finish(req, "error", error=error)
+            for sid in self.scheduler.close(req.session.id):
+                self.runner.host.pop(sid, None)
 
     def run_until_done(self, *handles: Handle) -> None:
         """Drive steps inline until the given requests have ended (no loop thread)."""
-        assert self._thread is None, "the loop thread is running"
+        assert not self.running, "the loop thread is running"
         while not all(h.stream.done.is_set() for h in handles):
             if not self.scheduler.has_work:
                 raise RuntimeError("requests pending but nothing scheduled")
@@ -334,25 +310,3 @@ class Engine:
         return SessionStats(
             s.id, s.tokens_seen, s.cache_tokens, s.evicted, s.location.value, s.slot, s.request is not None
         )
-
-
-def eos_token_ids(tokenizer: Any, hf_config: Any) -> set[int]:
-    """End-of-sequence ids from the tokenizer and the model config (which may list several)."""
-    ids: set[int] = set()
-    for value in (getattr(tokenizer, "eos_token_id", None), getattr(hf_config, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list | tuple):
-            ids.update(int(v) for v in value)
-    return ids
-
-
-def build_engine(config: EngineConfig, data_dir: Any = None) -> Engine:
-    """Load the configured model and wrap it in an engine (not started)."""
-    from .loader import load_model, resolve_device_dtype
-
-    device, dtype = resolve_device_dtype(config.device, config.dtype)
-    loaded = load_model(
-        config.model, dtype=dtype, device=str(device), data_dir=data_dir, weights=config.weights
-    )
-    return Engine(loaded.model, loaded.tokenizer, config, eos_token_ids(loaded.tokenizer, loaded.hf_config))

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from .config import EngineConfig
+from .engine import Engine
 from .models import DecoderModel, build_model
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -111,6 +113,26 @@ def load_model(
     if weights is not None:
         model.prepare(resolve_weights(weights, dev), cache_dir=(data_dir or default_data_dir()) / "kernels")
     return LoadedModel(model, tokenizer, hf_model.config, name, hf_model if keep_hf else None)
+
+
+def eos_token_ids(tokenizer: Any, hf_config: Any) -> set[int]:
+    """End-of-sequence ids from the tokenizer and the model config (which may list several)."""
+    ids: set[int] = set()
+    for value in (getattr(tokenizer, "eos_token_id", None), getattr(hf_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def build_engine(config: EngineConfig, data_dir: Path | None = None) -> Engine:
+    """Load the configured model and wrap it in an engine (not started)."""
+    device, dtype = resolve_device_dtype(config.device, config.dtype)
+    loaded = load_model(
+        config.model, dtype=dtype, device=str(device), data_dir=data_dir, weights=config.weights
+    )
+    return Engine(loaded.model, loaded.tokenizer, config, eos_token_ids(loaded.tokenizer, loaded.hf_config))
 
 
 def _load_hf_dir(directory: Path) -> tuple[Any, Any]:

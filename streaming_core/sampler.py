@@ -6,6 +6,7 @@ comes from that row's own generator, so a seeded request samples the same tokens
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -100,9 +101,8 @@ class RequestSampler:
             self.generator = torch.Generator().manual_seed(params.seed)
         elif fallback is not None:
             self.generator = fallback
-        else:
-            self.generator = torch.Generator()
-            self.generator.seed()
+        else:  # OS entropy: restarts and replicas must not replay one "random" stream
+            self.generator = torch.Generator().manual_seed(secrets.randbits(63))
         self.counts: dict[int, int] = {}
         """Times each token was generated (presence and frequency penalties)."""
         self.seen: set[int] = set(prompt_tokens)

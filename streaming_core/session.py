@@ -68,6 +68,23 @@ class Session:
         self.tokens_seen += len(tokens)
 
 
+@dataclass(frozen=True)
+class Rebuild:
+    """What a session's KV is recomputed from: its sinks, its recent tail, and how many tokens it had seen.
+
+    While nothing was evicted (tokens_seen <= capacity) the rebuilt KV is exact; past that, the window is
+    recomputed without the evicted context that originally preceded it (StreamingLLM keeps no more).
+    """
+
+    sinks: list[int]
+    tail: list[int]
+    tokens_seen: int
+
+    def __post_init__(self) -> None:
+        if self.tokens_seen < len(self.sinks) + len(self.tail):
+            raise ValueError("tokens_seen is smaller than the sinks plus the tail")
+
+
 @dataclass
 class SessionStats:
     id: str

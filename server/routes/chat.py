@@ -32,7 +32,7 @@ async def create_chat_completion(
     logprobs, top_logprobs = bool(body.logprobs), body.top_logprobs or 0
     params = sampling_params(serving, body, max_tokens, max_param, logprobs, top_logprobs)
     plan = await serving.manager.plan_chat(owner, sid, body.conversation(), mode=body.session_mode)
-    turn, first = await start_turn(serving, plan, params, "messages")
+    turn, first = await start_turn(serving, plan, params, "messages", request)
     meta = ResponseMeta.new(serving, "chatcmpl", plan.session_id)
     headers = session_headers(plan.session_id)
     if body.stream:

@@ -27,7 +27,7 @@ async def create_completion(
     logprobs = body.logprobs is not None
     params = sampling_params(serving, body, body.max_tokens, "max_tokens", logprobs, body.logprobs or 0)
     plan = await serving.manager.plan_completion(owner, sid, body.prompt)
-    turn, first = await start_turn(serving, plan, params, "prompt")
+    turn, first = await start_turn(serving, plan, params, "prompt", request)
     meta = ResponseMeta.new(serving, "cmpl", plan.session_id)
     headers = session_headers(plan.session_id)
     if body.stream:

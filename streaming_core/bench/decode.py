@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from ..cli import add_model_args
 from ..config import CacheConfig, EngineConfig
-from ..engine import Engine, eos_token_ids
+from ..engine import Engine
 from ..report import new_figure, print_json, print_table, save_figure
 from ..sampler import SamplingParams
 from ..scheduler import Scheduled
@@ -40,6 +40,8 @@ def add_parser(sub: Any) -> None:
 def bench_engine(loaded: Any, batch: int, args: argparse.Namespace) -> dict[str, float]:
     cache = CacheConfig(args.sinks, args.window, num_slots=batch, prefill_chunk=256)
     config = EngineConfig(cache=cache, max_batch_tokens=max(512, batch))
+    from ..loader import eos_token_ids
+
     engine = Engine(loaded.model, loaded.tokenizer, config, eos_token_ids(loaded.tokenizer, loaded.hf_config))
     times: list[float] = []
     last = [time.perf_counter()]

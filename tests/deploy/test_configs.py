@@ -17,7 +17,7 @@ import yaml
 from pydantic import ValidationError
 
 from server.settings import Settings
-from streaming_core.engine import build_engine
+from streaming_core.loader import build_engine
 from tests.streaming_core.helpers import tiny_falcon, tiny_llama, tiny_mpt, tiny_neox
 
 ROOT = Path(__file__).resolve().parents[2]

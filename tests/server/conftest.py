@@ -12,8 +12,8 @@ from server.conversation.manager import ConversationManager
 from server.conversation.store import SessionStore
 from server.redis_embedded import EmbeddedRedis
 from streaming_core.config import CacheConfig, EngineConfig
-from streaming_core.engine import Engine, eos_token_ids
-from streaming_core.loader import LoadedModel, load_model
+from streaming_core.engine import Engine
+from streaming_core.loader import LoadedModel, eos_token_ids, load_model
 
 
 @pytest.fixture(scope="session")

@@ -29,8 +29,8 @@ from server.app import create_app
 from server.cli_serve import GracefulServer, make_server
 from server.settings import ServerLimits, Settings
 from streaming_core.config import CacheConfig, EngineConfig
-from streaming_core.engine import Engine, eos_token_ids
-from streaming_core.loader import LoadedModel
+from streaming_core.engine import Engine
+from streaming_core.loader import LoadedModel, eos_token_ids
 
 SPEC = Path(__file__).resolve().parents[3] / "shared" / "data" / "openai" / "openapi.json"
 KEY_A, KEY_B = "sk-test-alpha", "sk-test-beta"

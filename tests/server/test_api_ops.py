@@ -108,7 +108,7 @@ def test_graceful_shutdown_and_restart(tmp_path: Path, default_model: LoadedMode
     assert events[-1] == "[DONE]"
     assert events[-2]["error"]["code"] == "shutting_down"
     assert first.lifecycle.state == "stopped" and not first.thread.is_alive()
-    assert first.engine._thread is None  # the engine loop was stopped
+    assert not first.engine.running  # the engine loop was stopped
 
     second = LiveServer(make_settings(tmp_path), make_engine(default_model, num_slots=2))
     try:

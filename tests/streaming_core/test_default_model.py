@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from streaming_core.config import CacheConfig, EngineConfig
-from streaming_core.engine import Engine, eos_token_ids
-from streaming_core.loader import load_model
+from streaming_core.engine import Engine
+from streaming_core.loader import eos_token_ids, load_model
 from streaming_core.sampler import SamplingParams
 
 pytestmark = pytest.mark.slow
