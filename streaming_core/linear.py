@@ -184,7 +184,7 @@ def _pass_ms(fns: list[Kernel], x: torch.Tensor) -> float:
     return (time.perf_counter() - t0) * 1000 / len(fns)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def tune(
     mode: str, weights: list[tuple[torch.Tensor, torch.Tensor | None]], buckets: tuple[int, ...], rounds: int
 ) -> tuple[dict[str, list[Kernel]], list[str], list[dict[str, float]]]:
@@ -232,7 +232,7 @@ def _machine_key(mode: str, by_role: dict[str, list[LinearSlot]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def prepare_linears(
     slots: Iterator[LinearSlot], mode: str, rounds: int = 3, cache_dir: Path | None = None
 ) -> KernelReport:

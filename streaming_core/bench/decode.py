@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from ..loader import load_model, resolve_device_dtype
 
     device, dtype = resolve_device_dtype(args.device, args.dtype)
-    loaded = load_model(args.model, dtype=dtype, device=str(device), keep_hf=True)
+    loaded = load_model(args.model, dtype=dtype, device=str(device), keep_hf=True, weights=args.weights)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     results: dict[str, Any] = {}
     for b in tqdm(sizes, desc="batch sizes"):

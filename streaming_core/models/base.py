@@ -43,6 +43,10 @@ class DecoderModel:
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """input_ids [N] -> final hidden states [N, D] (normed)."""
+        return self.forward(input_ids, ctx)
+
+    def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """`__call__` without its inference mode: what torch.compile traces (see runner.DecodeGraph)."""
         x = self.embed(input_ids)  # [N, D]
         for i in range(self.kv_shape.layers):
             x = self.layer_forward(i, x, ctx)
@@ -56,6 +60,10 @@ class DecoderModel:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [M, D] -> fp32 logits [M, V]; only rows that are sampled or scored get here."""
+        return self.project(hidden)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`logits` without its inference mode."""
         return linear(hidden, self.head if self.head is not None else self.lm_head).float()
 
     def linear_slots(self) -> Iterator[LinearSlot]:

@@ -22,7 +22,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def loaded():
-    return load_model("default", dtype=torch.float32, device="cpu", keep_hf=True)
+    return load_model("default", dtype=torch.float32, device="cpu", keep_hf=True, weights="dense")
 
 
 def chat_tokens(tokenizer, question: str) -> list[int]:

@@ -24,7 +24,9 @@ def test_resolve_device_dtype():
 def test_transformers_dir_matches_transformers(tmp_path):
     hf = tiny_llama(seed=5)
     hf.save_pretrained(tmp_path / "tiny")
-    loaded = load_model(str(tmp_path / "tiny"), dtype=torch.float32, device="cpu", keep_hf=True)
+    loaded = load_model(
+        str(tmp_path / "tiny"), dtype=torch.float32, device="cpu", keep_hf=True, weights="dense"
+    )
     assert loaded.name == "tiny" and loaded.hf_model is not None and loaded.tokenizer is None
     tokens = torch.randint(0, 128, (20,), generator=torch.Generator().manual_seed(0))
     expected = hf(tokens[None]).logits[0]
@@ -41,7 +43,7 @@ def test_unknown_source(tmp_path):
 
 @pytest.mark.slow
 def test_default_gguf_cache(tmp_path, monkeypatch):
-    first = load_model("default", device="cpu", data_dir=tmp_path, keep_hf=True)
+    first = load_model("default", device="cpu", data_dir=tmp_path, keep_hf=True, weights="dense")
     cached = list((tmp_path / "models").iterdir())
     assert len(cached) == 1 and (cached[0] / "model.safetensors").is_file()
     assert not (cached[0] / "config.json").read_text().count("quantization_config")
@@ -50,7 +52,7 @@ def test_default_gguf_cache(tmp_path, monkeypatch):
         raise AssertionError("the second load must read the converted cache, not the GGUF file")
 
     monkeypatch.setattr(loader, "load_gguf_hf", no_gguf)
-    second = load_model("default", device="cpu", data_dir=tmp_path)
+    second = load_model("default", device="cpu", data_dir=tmp_path, weights="dense")
     assert second.name == "SmolLM2-135M-Instruct" and second.hf_model is None
     ids = first.tokenizer("The attention sink keeps the first tokens.")["input_ids"]
     assert second.tokenizer("The attention sink keeps the first tokens.")["input_ids"] == ids
@@ -62,7 +64,7 @@ def test_default_gguf_cache(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_default_greedy_chat_matches_generate():
-    loaded = load_model("default", device="cpu", keep_hf=True)
+    loaded = load_model("default", device="cpu", keep_hf=True, weights="dense")
     tok = loaded.tokenizer
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
