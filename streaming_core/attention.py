@@ -52,6 +52,11 @@ class _Rope:
     sin_s: torch.Tensor
 
 
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in dtype, without a dispatcher round trip when it already is (decode runs this 4x per layer)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def fill_bucket(extent: int, capacity: int) -> int:
     """Entries a step reads for a slot filled up to `extent`: the next power of two (at least 16), capped."""
     return min(capacity, max(16, 1 << max(extent - 1, 0).bit_length()))
@@ -235,12 +240,15 @@ class StepContext:
         d, pool = self.decode, self.pool
         assert d is not None
         S, L = d.sink_max, d.length
-        pool.k[layer][d.slots, :, d.entries] = k  # [B, kvh, hd] into [slots, kvh, cap, hd]
-        pool.v[layer][d.slots, :, d.entries] = v
+        pool.k[layer][d.slots, :, d.entries] = _as(
+            k, pool.kv_dtype
+        )  # [B, kvh, hd] into [slots, kvh, cap, hd]
+        pool.v[layer][d.slots, :, d.entries] = _as(v, pool.kv_dtype)
         if d.view is not None:
             K, V = pool.k[layer, d.view, :, :L], pool.v[layer, d.view, :, :L]  # [B, kvh, L, hd] views
         else:
             K, V = pool.k[layer][d.slots, :, :L], pool.v[layer][d.slots, :, :L]  # [B, kvh, L, hd] gathers
+        K, V = _as(K, q_w.dtype), _as(V, q_w.dtype)  # casts only when the KV is stored narrower
         B, H, hd = q_w.shape
         qw = q_w.view(B, self.kvh, H // self.kvh, hd)  # [B, kvh, g, hd]
         scores = torch.matmul(qw, K.transpose(-1, -2))  # [B, kvh, g, L]
@@ -262,6 +270,7 @@ class StepContext:
         C, H, hd = q_w.shape
         g = H // kvh
         Kc, Vc = pool.k[layer, m.slot, :, : m.length], pool.v[layer, m.slot, :, : m.length]  # [kvh, L, hd]
+        Kc, Vc = _as(Kc, q_w.dtype), _as(Vc, q_w.dtype)
         qw = q_w.view(C, kvh, g, hd).permute(1, 2, 0, 3)  # [kvh, g, C, hd]
         qs = q_s.view(C, kvh, g, hd).permute(1, 2, 0, 3)
         kn, vn = k.transpose(0, 1), v.transpose(0, 1)  # [kvh, C, hd]
@@ -280,6 +289,6 @@ class StepContext:
             probs = torch.softmax(scores, dim=-1).to(Vc.dtype)  # [kvh, g, C, L + C]
             cap = Kc.shape[1]
             out = torch.matmul(probs[..., :cap], Vc[:, None]) + torch.matmul(probs[..., cap:], vn[:, None])
-        pool.k[layer, m.slot, :, m.write_entries] = kn[:, m.write_rows]
-        pool.v[layer, m.slot, :, m.write_entries] = vn[:, m.write_rows]
+        pool.k[layer, m.slot, :, m.write_entries] = _as(kn[:, m.write_rows], pool.kv_dtype)
+        pool.v[layer, m.slot, :, m.write_entries] = _as(vn[:, m.write_rows], pool.kv_dtype)
         return out.permute(2, 0, 1, 3).reshape(C, H, hd)  # [C, H, hd]

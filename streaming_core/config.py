@@ -52,6 +52,9 @@ class EngineConfig:
     """'auto' picks CUDA when present, else CPU; or an explicit torch device string."""
     dtype: str = "auto"
     """'auto' is bf16 on CUDA and fp32 on CPU; or one of float32, bfloat16, float16."""
+    kv_dtype: str = "auto"
+    """KV pool storage: 'auto' (the dtype above) or one of float32, bfloat16, float16; attention still
+    computes in the activations' dtype, so bf16 KV halves the bytes read and offloaded, at bf16 rounding."""
     weights: str = "auto"
     """Matmul weight precision: 'dense' (the dtype above, exact), 'int8' (per-channel weight-only),
     'int4' (per group of 32, the GGUF Q4 block), or 'auto' (int8 on CPU, dense elsewhere). Kernels per
@@ -66,6 +69,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.kv_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"kv_dtype must be auto, float32, bfloat16 or float16, got {self.kv_dtype!r}")
         if self.weights not in ("auto", "dense", "int8", "int4"):
             raise ValueError(f"weights must be auto, dense, int8 or int4, got {self.weights!r}")
         if self.max_batch_tokens < 1:

@@ -49,7 +49,8 @@ class Engine:
     ) -> None:
         config.cache.check_context(model.max_context)
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.pool = KVPool(config.cache, model.kv_shape, model.lm_head.dtype, model.lm_head.device)
+        kv_dtype = None if config.kv_dtype == "auto" else getattr(torch, config.kv_dtype)
+        self.pool = KVPool(config.cache, model.kv_shape, model.lm_head.dtype, model.lm_head.device, kv_dtype)
         self.runner = ModelRunner(model, self.pool)
         self.scheduler = Scheduler(config.cache, config.max_batch_tokens, config.max_waiting)
         self.eos = set(eos_token_ids)

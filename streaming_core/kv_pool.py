@@ -40,14 +40,24 @@ class SlotSnapshot:
 class KVPool:
     """Owns the device tensors; slot allocation bookkeeping lives with the sessions, not here."""
 
-    def __init__(self, cache: CacheConfig, shape: KVShape, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        cache: CacheConfig,
+        shape: KVShape,
+        dtype: torch.dtype,
+        device: torch.device,
+        kv_dtype: torch.dtype | None = None,
+    ) -> None:
         self.cache = cache
         self.shape = shape
         self.dtype = dtype
+        """The activations' dtype: what attention computes in."""
+        self.kv_dtype = kv_dtype or dtype
+        """What keys and values are stored in (bf16 halves the bytes every decode row reads)."""
         self.device = device
         dims = (shape.layers, cache.num_slots, shape.kv_heads, cache.capacity, shape.head_dim)
-        self.k = torch.zeros(dims, dtype=dtype, device=device)  # [L, slots, kvh, cap, hd]
-        self.v = torch.zeros(dims, dtype=dtype, device=device)  # [L, slots, kvh, cap, hd]
+        self.k = torch.zeros(dims, dtype=self.kv_dtype, device=device)  # [L, slots, kvh, cap, hd]
+        self.v = torch.zeros(dims, dtype=self.kv_dtype, device=device)  # [L, slots, kvh, cap, hd]
         self.pos = torch.full((cache.num_slots, cache.capacity), -1, dtype=torch.long, device=device)
         self.extent = [0] * cache.num_slots
         """Per slot, on the host: entries [0, extent) may be filled, the rest are empty. A slot fills from

@@ -253,13 +253,13 @@ def prepare_linears(
     for role, group in by_role.items():
         weights = [(s.get(s.name), s.get(s.bias_name) if s.bias_name else None) for s in group]
         buckets = LOGIT_BUCKETS if role == "lm_head" else ROW_BUCKETS
-        if role in cached:
+        if role in cached and len(cached[role]["choice"]) == len(buckets):
             choice, timings = list(cached[role]["choice"]), list(cached[role]["timings"])
             builders = candidates(mode, weights[0][0])
             built = {n: [builders[n](w, b) for w, b in weights] for n in set(choice)}
         else:
             built, choice, timings = tune(mode, weights, buckets, rounds)
-            cached[role] = {"choice": choice, "timings": timings}
+            cached[role] = {"choice": list(choice), "timings": timings}
         for rows, best, times in zip(buckets, choice, timings, strict=True):
             report.rows.append((role, rows, best, times))
         choice += [choice[-1]] * (len(ROW_BUCKETS) - len(choice))

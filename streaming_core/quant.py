@@ -47,9 +47,9 @@ def quantize_int8(w: torch.Tensor) -> Int8Weight:
 
 
 def int4_supported(w: torch.Tensor) -> bool:
-    """torch's CPU int4 kernel wants whole groups along the input and an even output count."""
+    """torch's CPU int4 kernel wants whole groups along the input and outputs in multiples of 16."""
     out, k = w.shape
-    return k % INT4_GROUP == 0 and out % 2 == 0
+    return k % INT4_GROUP == 0 and out % 16 == 0
 
 
 def quantize_int4(w: torch.Tensor) -> Int4Weight:
