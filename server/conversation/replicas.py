@@ -1,10 +1,12 @@
 """Several replicas on one Redis: each holds a renewed lease, and a session is claimed by one replica per turn.
 
-- Lease: `{prefix}:replica:{id}` exists while the replica lives; a heartbeat renews it every third of
-  its TTL. A SIGKILL'd replica's lease simply expires.
-- Claim: `{prefix}:claim:{session}` is set (NX, with the same TTL, renewed by the heartbeat) for the
-  length of a turn, so one request at a time per session holds across replicas too (409 otherwise).
-  A dead replica's claims expire with its lease, so its sessions are free again within one TTL.
+- Lease: `{prefix}:replica:{id}` holds the id of the replica's live process while it lives; a heartbeat
+  renews it every third of its TTL. A SIGKILL'd replica's lease simply expires, or is overwritten by
+  the replica's next process.
+- Claim: `{prefix}:claim:{session}` is set (with the same TTL, renewed by the heartbeat) for the length
+  of a turn, so one request at a time per session holds across replicas too (409 otherwise). A claim is
+  valid only while its process holds its replica's lease: a dead replica's sessions are free again
+  within one TTL, and at once when that replica restarts (a SIGKILL mid-stream leaves nothing busy).
 - Fencing: a claim's value is a token only its turn knows. Renewal extends a claim only while it still
   holds that token, and the turn's commit (store.put with the `Fence`) is a compare-and-set on it, so a
   replica whose claim expired (paused, cut off from Redis) can neither extend it nor commit over the
@@ -39,19 +41,22 @@ UNAVAILABLE = (ConnectionError, TimeoutError)
 
 # Delete the claim only if it is still ours (it may have expired and been taken by another replica).
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
-# Take a free claim, or replace our own stale one (ARGV[3], a release that failed); answer Redis's clock.
+# Take the claim if it is free, if it is our own stale one (ARGV[3], a release that failed), or if its
+# holder's process no longer holds its replica's lease (ARGV[4] is the lease key prefix): the holder died
+# and restarted, or was cut off longer than its lease. Answers Redis's clock, or false.
 _CLAIM = """
-if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return redis.call('time') end
-if ARGV[3] ~= '' and redis.call('get', KEYS[1]) == ARGV[3] then
-  redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return redis.call('time')
+local cur = redis.call('get', KEYS[1])
+if cur and cur ~= ARGV[3] then
+  local replica, process = string.match(cur, '^(.*)|(%x+)|%x+$')
+  if not replica or redis.call('get', ARGV[4] .. replica) == process then return false end
 end
-return false
+redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return redis.call('time')
 """
 # Renew the lease (KEYS[1]) and each claim (KEYS[i + 1]) still holding its token (ARGV[i + 1]); answer the
 # indexes of claims lost to expiry.
 _RENEW = """
-redis.call('set', KEYS[1], '1', 'PX', ARGV[1])
+redis.call('set', KEYS[1], ARGV[#ARGV], 'PX', ARGV[1])
 local lost = {}
 for i = 2, #KEYS do
   if redis.call('get', KEYS[i]) == ARGV[i] then redis.call('pexpire', KEYS[i], ARGV[1])
@@ -82,6 +87,8 @@ class Replicas:
         self, redis: Any, replica_id: str, *, prefix: str = "streamllm", lease_ms: int = 15_000
     ) -> None:
         self.redis, self.replica_id, self.prefix, self.lease_ms = redis, replica_id, prefix, lease_ms
+        self.process = uuid.uuid4().hex
+        """This process's id in the lease and in its claims' tokens (`replica|process|nonce`)."""
         self._claims: dict[str, _Claim] = {}
         self._stale: dict[str, str] = {}
         """Claims whose release failed (Redis away): session -> token, released by the heartbeat."""
@@ -121,7 +128,8 @@ class Replicas:
         keys = [self.lease_key(self.replica_id), *map(self.claim_key, sessions)]
         tokens = [self._claims[sid].token for sid in sessions]
         lost = [
-            sessions[i - 1] for i in await self.redis.eval(_RENEW, len(keys), *keys, self.lease_ms, *tokens)
+            sessions[i - 1]
+            for i in await self.redis.eval(_RENEW, len(keys), *keys, self.lease_ms, *tokens, self.process)
         ]
         for sid in lost:
             log.warning("session %s: this replica's claim expired and was not renewed", sid)
@@ -147,10 +155,13 @@ class Replicas:
 
     async def claim(self, session_id: str) -> bool:
         """Take the session for one turn; False if another turn (on any replica) holds it."""
-        token = f"{self.replica_id}:{uuid.uuid4().hex}"
+        token = f"{self.replica_id}|{self.process}|{uuid.uuid4().hex}"
         stale = self._stale.get(session_id, "")
         sent = time.time()
-        now = await self.redis.eval(_CLAIM, 1, self.claim_key(session_id), token, self.lease_ms, stale)
+        lease_prefix = self.lease_key("")
+        now = await self.redis.eval(
+            _CLAIM, 1, self.claim_key(session_id), token, self.lease_ms, stale, lease_prefix
+        )
         if not now:
             return False
         self._stale.pop(session_id, None)
