@@ -47,7 +47,7 @@ class Lifecycle:
         self.draining = False
         self.stopped = False
         self.redis_ok = True
-        """Whether Redis answered the last time it was asked (requests, the heartbeat, /health)."""
+        """False from a Redis failure (a request, a commit, the heartbeat) until /health finds it answering."""
         self._startup: asyncio.Task[None] | None = None
         self._redis: Any = None
         self._embedded: EmbeddedRedis | None = None

@@ -45,17 +45,17 @@ Semantics
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from streaming_core.engine import Engine, Handle
 from streaming_core.sampler import SamplingParams
 
+from . import engine_kv
 from .chain import normalize
 from .errors import (
     ConversationError,
@@ -77,7 +77,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 MODES = ("auto", "full", "delta")
 MAX_SESSION_ID = 256
-_CLOSE_WAIT_S = 5.0
 
 
 def default_replica_id() -> str:
@@ -186,10 +185,10 @@ class ConversationManager:
                 await self._save(record)
             except BaseException as e:
                 down = isinstance(e, UNAVAILABLE)
-                await self._close(sid, plan.request_id)
+                await engine_kv.close(self.engine, sid, plan.request_id)
                 raise
             if trim:
-                await self._drop_last(sid, trim)
+                await engine_kv.drop_last(self.engine, sid, trim)
         finally:
             await self._release(sid, redis_down=down)
 
@@ -208,8 +207,8 @@ class ConversationManager:
         if sid is None:
             return
         try:
-            if not await self._untouched(plan):
-                await self._close(sid, plan.request_id)
+            if not await engine_kv.untouched(self.engine, plan):
+                await engine_kv.close(self.engine, sid, plan.request_id)
         finally:
             await self._release(sid)
 
@@ -218,7 +217,7 @@ class ConversationManager:
         record = await self.store.get(session_id)
         if record is None or record.owner != owner:
             return None
-        return record.summary((await self._resident([session_id]))[session_id])
+        return record.summary((await engine_kv.resident(self.engine, [session_id]))[session_id])
 
     async def list(self, owner: str) -> list[dict[str, Any]]:
         """The owner's sessions, most recently used first."""
@@ -230,7 +229,7 @@ class ConversationManager:
             key=lambda r: r.updated_at,
             reverse=True,
         )
-        resident = await self._resident([r.id for r in owned])
+        resident = await engine_kv.resident(self.engine, [r.id for r in owned])
         return [r.summary(resident[r.id]) for r in owned]
 
     async def delete(self, owner: str, session_id: str) -> bool:
@@ -306,42 +305,3 @@ class ConversationManager:
             return True
         await asyncio.to_thread(self.engine.close_session, session_id)
         return False
-
-    async def _untouched(self, plan: TurnPlan) -> bool:
-        """The engine still holds the session exactly as committed (the turn was refused before it
-        consumed anything, e.g. queue_full): keep it rather than force a rebuild."""
-        assert plan.session_id is not None
-        record = plan.turn.record if plan.turn else None
-        if record is None or plan.rebuild is not None or plan.mode == "rebuilt":
-            return False
-        stats = await asyncio.to_thread(self.engine.stats, plan.session_id)
-        return stats is not None and not stats.busy and stats.tokens_seen == record.tokens_seen
-
-    async def _close(self, session_id: str, request_id: str | None) -> None:
-        """Close the engine session once its request (aborted here if still running) has ended."""
-        deadline = asyncio.get_running_loop().time() + _CLOSE_WAIT_S
-        while not await asyncio.to_thread(self.engine.close_session, session_id):
-            stats = await asyncio.to_thread(self.engine.stats, session_id)
-            if stats is None:
-                return
-            if asyncio.get_running_loop().time() > deadline:
-                log.warning("session %s still busy: its KV was not dropped", session_id)
-                return
-            if request_id is not None:
-                self.engine.abort(request_id)
-            await asyncio.sleep(0.02)
-
-    async def _drop_last(self, session_id: str, n: int) -> None:
-        """Drop the KV's last n tokens: cheaply if the engine can truncate, else by closing the session
-        (the next turn rebuilds it from the trimmed record)."""
-        truncate = getattr(self.engine, "truncate", None)
-        if truncate is not None and await asyncio.to_thread(truncate, session_id, n):
-            return
-        await asyncio.to_thread(self.engine.close_session, session_id)
-
-    async def _resident(self, session_ids: Sequence[str]) -> dict[str, bool]:
-        sessions = self.engine.scheduler.sessions
-        future = self.engine.call(lambda: {sid: sid in sessions for sid in session_ids})
-        with contextlib.suppress(Exception):
-            return await asyncio.wrap_future(future)
-        return dict.fromkeys(session_ids, False)
