@@ -13,8 +13,9 @@
   replica that took the session since. The fence also carries a deadline in Redis's clock: a commit that
   reaches Redis after its sender gave up on it (it sat in a frozen Redis's socket) is refused, so a turn
   reported failed never lands later.
-- A release that fails while Redis is away is retried by the heartbeat, and this replica's next claim of
-  the session replaces its own stale claim at once: a session is never left busy by a Redis outage.
+- A release (or a claim) that fails while Redis is away may still land when Redis reads its socket
+  again; either way the heartbeat releases that token later, and this replica's next claim of the
+  session replaces its own stale claim at once: a session is never left busy by a Redis outage.
 - Which replica holds a session's KV is the session record's `replica` field. A turn arriving
   elsewhere *migrates* the session: that replica rebuilds the KV from Redis (sinks + tail) and becomes
   the holder; the old holder sees the record moved on and drops its stale copy on its next turn.
@@ -159,9 +160,14 @@ class Replicas:
         stale = self._stale.get(session_id, "")
         sent = time.time()
         lease_prefix = self.lease_key("")
-        now = await self.redis.eval(
-            _CLAIM, 1, self.claim_key(session_id), token, self.lease_ms, stale, lease_prefix
-        )
+        try:
+            now = await self.redis.eval(
+                _CLAIM, 1, self.claim_key(session_id), token, self.lease_ms, stale, lease_prefix
+            )
+        except UNAVAILABLE:
+            # The claim may still land when a frozen Redis reads its socket: treat it as ours and stale.
+            self._stale[session_id] = token
+            raise
         if not now:
             return False
         self._stale.pop(session_id, None)
