@@ -132,6 +132,9 @@ def test_a_frozen_redis_gives_503_then_the_same_sessions_go_on(
         err, elapsed = refused(live, b)
         print(f"\nfrozen Redis: 503 after {elapsed:.2f}s")
         assert_unavailable(err, elapsed)
+        info = httpx.get(f"{live.url}/v1/sessions/{a}", timeout=BOUND_S)
+        assert info.status_code == 503 and info.json()["error"]["code"] == "redis_unavailable"
+        assert "retry-after" in info.headers
         health = httpx.get(f"{live.url}/health", timeout=BOUND_S)
         assert health.status_code == 503 and health.json()["status"] == "degraded"
         assert "retry-after" in health.headers
