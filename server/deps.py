@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from .conversation.store import ANONYMOUS, owner_id
 from .errors import APIError
-from .lifecycle import Lifecycle, Serving
-
-ANONYMOUS = "anonymous"
+from .lifecycle import Lifecycle
+from .serving import Serving
 
 
 def get_lifecycle(request: Request) -> Lifecycle:
@@ -42,7 +41,7 @@ def get_owner(lifecycle: LifecycleDep, authorization: Annotated[str | None, Head
     scheme, _, key = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-    owner = hashlib.sha256(key.strip().encode()).hexdigest()
+    owner = owner_id(key)
     if owner not in lifecycle.owners:
         raise APIError(401, "invalid API key", code="invalid_api_key")
     return owner

@@ -2,6 +2,8 @@
 
 Malformed or invalid requests are 400 (FastAPI's 422 and its invalid-JSON errors included); 401, 404, 409,
 413, 429 and 503 have their own causes; 500 is kept for bugs, answered cleanly by the catch-all handler.
+Redis being unreachable or too slow is a 503 with Retry-After (code redis_unavailable), counted in
+/metrics, wherever in a request it happens.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .conversation.errors import ConversationError
+from .redis_client import UNAVAILABLE
 from .schemas import ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -37,10 +40,18 @@ class APIError(Exception):
     """An error with its HTTP status, in OpenAI's terms."""
 
     def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None, type: str = ""
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "",
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
         self.type = type or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
     def body(self) -> dict[str, Any]:
@@ -53,6 +64,15 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 
 def from_conversation(e: ConversationError) -> APIError:
     return APIError(e.status, e.message, param=e.param, code=e.code, type=e.type)
+
+
+def redis_unavailable(e: BaseException, retry_after: int) -> APIError:
+    return APIError(
+        503,
+        f"session storage (Redis) is unavailable ({type(e).__name__}: {e}); retry later",
+        code="redis_unavailable",
+        headers={"Retry-After": str(retry_after)},
+    )
 
 
 def param_path(loc: Sequence[int | str]) -> str | None:
@@ -86,8 +106,8 @@ def _json(err: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
 
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return _json(exc, headers)
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+    return _json(exc, {**headers, **exc.headers})
 
 
 async def _conversation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -113,6 +133,13 @@ async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
     return _json(err, dict(exc.headers) if exc.headers else None)
 
 
+async def _redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    lifecycle = request.app.state.lifecycle
+    lifecycle.redis_failed("request", exc)
+    err = redis_unavailable(exc, lifecycle.settings.redis.retry_after_seconds)
+    return _json(err, err.headers)
+
+
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return _json(APIError(500, "internal server error", code="internal_error"))
@@ -123,4 +150,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ConversationError, _conversation_error)
     app.add_exception_handler(RequestValidationError, _request_validation)
     app.add_exception_handler(StarletteHTTPException, _http_exception)
+    for error in UNAVAILABLE:
+        app.add_exception_handler(error, _redis_unavailable)
     app.add_exception_handler(Exception, _unhandled)

@@ -11,8 +11,8 @@ from streaming_core.session import TokenEvent
 
 from .conversation.manager import TurnPlan
 from .errors import APIError
-from .lifecycle import Serving
 from .schemas import GenerationRequest
+from .serving import Serving
 from .turn import Turn
 
 

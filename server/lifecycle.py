@@ -4,84 +4,35 @@ Startup runs in the background so that the port answers at once: /health and /v1
 is loaded, Redis is connected and the engine loop runs. Shutdown first refuses new requests (503), gives
 in-flight turns `shutdown_grace_seconds` to finish, aborts the rest (their streams end with an error
 event), waits for every turn to be committed or abandoned, then stops the engine and Redis.
+
+Once ready, the state is "degraded" while Redis does not answer (`check_redis`, which /health calls):
+requests that need Redis get 503 + Retry-After meanwhile, and the server is "ready" again as soon as it
+answers; nothing is restarted, the Redis client reconnects by itself.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import re
 import time
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
-from functools import cached_property
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from streaming_core.engine import Engine
-from streaming_core.loader import DEFAULT_GGUF, build_engine
+from streaming_core.loader import build_engine
 
+from .conversation.identity import model_identity
 from .conversation.manager import ConversationManager, default_replica_id
 from .conversation.replicas import Replicas
-from .conversation.store import SessionStore
+from .conversation.store import SessionStore, owner_id
 from .logprobs import TokenText
 from .metrics import Metrics
+from .redis_client import UNAVAILABLE, connect
 from .redis_embedded import EmbeddedRedis
+from .serving import Serving, served_model_name
 from .settings import Settings
 
-if TYPE_CHECKING:
-    from .turn import Turn
-
 log = logging.getLogger(__name__)
-
-
-def served_model_name(settings: Settings) -> str:
-    """The model id clients use: the configured one, else the loaded model's name."""
-    if settings.model_name:
-        return settings.model_name
-    source = settings.engine.model
-    if source == "default":
-        return DEFAULT_GGUF.split(".")[0]
-    path = Path(source)
-    return path.stem if path.suffix == ".gguf" else path.resolve().name
-
-
-@dataclass
-class Serving:
-    """What requests use once the server is ready."""
-
-    settings: Settings
-    engine: Engine
-    manager: ConversationManager
-    metrics: Metrics
-    model_name: str
-    token_text: TokenText
-    created: int = field(default_factory=lambda: int(time.time()))
-    inflight: set[Turn] = field(default_factory=set)
-    """Turns submitted and not yet committed or abandoned."""
-    cleanups: set[asyncio.Task[None]] = field(default_factory=set)
-    """Background settlements of turns whose client went away."""
-
-    @cached_property
-    def fingerprint(self) -> str:
-        """system_fingerprint: changes when the model or the engine configuration does."""
-        key = f"{self.model_name}|{self.settings.engine}"
-        return "fp_" + hashlib.sha256(key.encode()).hexdigest()[:10]
-
-    @property
-    def eos(self) -> set[int]:
-        return self.engine.eos
-
-    def session_id_ok(self, session_id: str) -> bool:
-        return re.fullmatch(self.settings.server.session_id_pattern, session_id) is not None
-
-    def background(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        """Run a settlement coroutine that must outlive the request that started it."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self.cleanups.add(task)
-        task.add_done_callback(self.cleanups.discard)
-        return task
 
 
 class Lifecycle:
@@ -90,12 +41,14 @@ class Lifecycle:
     def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
         self.settings = settings
         self._given_engine = engine
-        self.owners = frozenset(hashlib.sha256(k.encode()).hexdigest() for k in settings.api_key_list())
+        self.owners = frozenset(owner_id(k) for k in settings.api_key_list())
         """sha256 of each accepted API key: the owner ids sessions are filed under."""
         self.serving: Serving | None = None
         self.failed: str | None = None
         self.draining = False
         self.stopped = False
+        self.redis_ok = True
+        """False from a Redis failure (a request, a commit, the heartbeat) until /health finds it answering."""
         self._startup: asyncio.Task[None] | None = None
         self._redis: Any = None
         self._embedded: EmbeddedRedis | None = None
@@ -109,7 +62,9 @@ class Lifecycle:
             return "failed"
         if self.draining:
             return "draining"
-        return "ready" if self.serving is not None else "starting"
+        if self.serving is None:
+            return "starting"
+        return "ready" if self.redis_ok else "degraded"
 
     def start(self) -> None:
         self._startup = asyncio.get_running_loop().create_task(self._start())
@@ -133,29 +88,59 @@ class Lifecycle:
                 pin_system_prompt=settings.server.pin_system_prompt,
                 replica_id=self._replicas.replica_id,
                 replicas=self._replicas,
+                identity=model_identity(name, engine.tokenizer, engine.config.cache),
+                commit_timeout=settings.redis.socket_timeout_seconds,
             )
             metrics = Metrics(name)
             self._replicas.on_move = lambda kind: metrics.moves.labels(name, kind).inc()
+            self._replicas.on_error = lambda e: self.redis_failed("heartbeat", e)
             await self._replicas.start()
             engine.on_step = metrics.on_step
             engine.start()
-            self.serving = Serving(settings, engine, manager, metrics, name, TokenText(engine.tokenizer))
+            self.serving = Serving(
+                settings,
+                engine,
+                manager,
+                metrics,
+                name,
+                TokenText(engine.tokenizer),
+                redis_failed=self.redis_failed,
+                retry_after=settings.redis.retry_after_seconds,
+            )
             log.info("ready: serving %s", name)
         except Exception as e:
             log.exception("startup failed")
             self.failed = f"{type(e).__name__}: {e}"
 
     async def _connect_redis(self) -> Any:
-        from redis.asyncio import Redis
-
         url = self.settings.redis_url
         if url is None:
             self._embedded = EmbeddedRedis(self.settings.data_dir)
             url = await asyncio.to_thread(self._embedded.start)
         assert url is not None
-        self._redis = Redis.from_url(url)
+        self._redis = connect(url, self.settings.redis)
         await self._redis.ping()
         return self._redis
+
+    def redis_failed(self, where: str, e: BaseException) -> None:
+        """Redis did not answer somewhere ('request', 'commit', 'heartbeat', 'health'): count it, degrade."""
+        if self.redis_ok:
+            log.warning("Redis unavailable (%s: %s): degraded until it answers", type(e).__name__, e)
+        self.redis_ok = False
+        if self.serving is not None:
+            self.serving.metrics.redis_errors.labels(self.serving.model_name, where).inc()
+
+    async def check_redis(self) -> bool:
+        """PING Redis (bounded by the client's timeouts); updates and returns whether it answered."""
+        try:
+            await self._redis.ping()
+        except UNAVAILABLE as e:
+            self.redis_failed("health", e)
+            return False
+        if not self.redis_ok:
+            log.info("Redis answers again")
+        self.redis_ok = True
+        return True
 
     def begin_drain(self) -> None:
         """Refuse new requests from now on (idempotent)."""

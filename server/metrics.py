@@ -76,6 +76,15 @@ class Metrics:
             ["model_name", "finished_reason"],
             registry=r,
         )
+        self.redis_errors = Counter(
+            "streamllm:redis_errors",
+            "Redis commands that failed for want of Redis (connection refused or lost, timeout), by where: "
+            "request (answered 503), commit (a turn's stream ended with an error), heartbeat, health.",
+            ["model_name", "where"],
+            registry=r,
+        )
+        for where in ("request", "commit", "heartbeat", "health"):
+            self.redis_errors.labels(model_name, where)
         self._offloads_seen = 0
         families: list[Histogram | Gauge | Counter] = [
             *(self.ttft, self.itl, self.e2e, self.running, self.waiting, self.slots, self.sessions),

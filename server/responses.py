@@ -7,7 +7,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .lifecycle import Serving
 from .logprobs import chat_logprobs, completion_logprobs
 from .schemas import (
     AssistantMessage,
@@ -19,6 +18,7 @@ from .schemas import (
     PromptTokensDetails,
     Usage,
 )
+from .serving import Serving
 from .turn import Turn
 
 E = TypeVar("E", bound=Envelope)

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from .conversation.chain import content_text, utf8_text
+
 _REQUEST = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 _NEUTRAL: dict[str, Any] = {
     "tool_choice": ("none",),
@@ -25,32 +27,6 @@ _NEUTRAL: dict[str, Any] = {
     "parallel_tool_calls": (True, False),
 }
 """Values of unsupported fields that ask for nothing; null is always accepted."""
-
-
-def _text(value: Any, what: str) -> str:
-    """A string that UTF-8 can carry (lone surrogates from JSON escapes are refused, not crashed on)."""
-    if not isinstance(value, str):
-        raise ValueError(f"{what} must be a string")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"{what} is not valid Unicode (lone surrogate)") from e
-    return value
-
-
-def content_text(content: Any) -> str:
-    """Message content: a string, or text parts joined by newlines (as the hash chain joins them)."""
-    if isinstance(content, str):
-        return _text(content, "content")
-    if not isinstance(content, list):
-        raise ValueError("content must be a string or a list of text content parts")
-    texts = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind != "text":
-            raise ValueError(f"content parts of type {kind!r} are not supported (only 'text')")
-        texts.append(_text(part.get("text"), "a text content part's text"))
-    return "\n".join(texts)
 
 
 def _unsupported(name: str | None, value: Any) -> Any:
@@ -119,7 +95,7 @@ class GenerationRequest(BaseModel):
         stops = [value] if isinstance(value, str) else value
         if not isinstance(stops, list) or len(stops) > 4:
             raise ValueError("stop must be a string or a list of at most 4 strings")
-        return [_text(s, "a stop sequence") for s in stops if s != ""]
+        return [utf8_text(s, "a stop sequence") for s in stops if s != ""]
 
     @field_validator("n", "logit_bias")
     @classmethod
@@ -203,7 +179,7 @@ class CompletionRequest(GenerationRequest):
             value = value[0]
         if not isinstance(value, str):
             raise ValueError("prompt must be a string (or a list holding one string)")
-        return _text(value, "prompt")
+        return utf8_text(value, "prompt")
 
     @field_validator("echo", "suffix", "best_of")
     @classmethod

@@ -60,6 +60,23 @@ class ServerLimits(BaseModel):
         return value
 
 
+class RedisLimits(BaseModel):
+    """How long the server waits for Redis, and what it tells clients while Redis is away."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    socket_timeout_seconds: float = Field(default=1.0, gt=0)
+    """Longest wait for one Redis reply; a frozen Redis fails a request after this (per attempt)."""
+    connect_timeout_seconds: float = Field(default=1.0, gt=0)
+    """Longest wait to open a connection; a dead host fails a request after this (per attempt)."""
+    retries: int = Field(default=1, ge=0)
+    """Retries of a command after a connection error or timeout (exponential backoff with jitter)."""
+    health_check_interval_seconds: int = Field(default=5, ge=0)
+    """A pooled connection idle this long is PINGed before use, so one broken by a restart is replaced."""
+    retry_after_seconds: int = Field(default=2, ge=1)
+    """Retry-After of the 503 answered while Redis is unavailable."""
+
+
 def _reject_unknown(value: Any, cls: type) -> Any:
     """Dataclasses ignore unknown keys under pydantic; a misspelt YAML key must fail instead."""
     if not isinstance(value, dict):
@@ -102,6 +119,8 @@ class Settings(BaseSettings):
     """Model, device, dtype, batching and the sink+window cache (streaming_core.config)."""
     server: ServerLimits = ServerLimits()
     """Request limits, session lifetime, shutdown grace."""
+    redis: RedisLimits = RedisLimits()
+    """Redis timeouts and retries, and the Retry-After while it is unavailable."""
 
     @field_validator("api_keys", mode="before")
     @classmethod

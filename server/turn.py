@@ -19,9 +19,11 @@ from streaming_core.engine import Handle
 from streaming_core.sampler import SamplingParams
 from streaming_core.session import TokenEvent
 
+from .conversation.errors import ConversationError
 from .conversation.manager import TurnPlan
-from .errors import APIError
-from .lifecycle import Serving
+from .errors import APIError, from_conversation, redis_unavailable
+from .redis_client import UNAVAILABLE
+from .serving import Serving
 
 log = logging.getLogger(__name__)
 _WATCH_S = 0.05
@@ -182,8 +184,15 @@ class Turn:
             return
         self._settled = True
         self.final = self.final or final
+        s = self.serving
         try:
-            await asyncio.shield(self.serving.background(self._store(final.finish_reason or "abort")))
+            await asyncio.shield(s.background(self._store(final.finish_reason or "abort")))
+        except ConversationError as e:  # the claim was lost to another replica (fencing)
+            log.warning("turn %s: %s", self.request_id, e.message)
+            self.store_error = from_conversation(e)
+        except UNAVAILABLE as e:
+            s.redis_failed("commit", e)
+            self.store_error = redis_unavailable(e, s.retry_after)
         except Exception as e:
             log.exception("turn %s: the session could not be updated", self.request_id)
             self.store_error = APIError(500, f"the turn could not be saved: {e}", code="session_store_failed")

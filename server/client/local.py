@@ -12,18 +12,28 @@ from pathlib import Path
 
 import httpx
 
+from streaming_core.loader import default_data_dir
+
 from ..redis_embedded import free_port
 
 
+def log_path(port: int, log_dir: Path | None = None) -> Path:
+    """Where a local server on `port` logs: `log_dir`, else the data dir's logs/ (never the working dir)."""
+    return (log_dir if log_dir is not None else default_data_dir() / "logs") / f"serve-{port}.log"
+
+
 def start_server(
-    log_dir: Path, config: str | None = None, env: dict[str, str] | None = None, timeout: float = 180.0
+    log_dir: Path | None = None,
+    config: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 180.0,
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """Start `streamllm serve` on a free loopback port, logging to `log_dir`; returns it once /health is 200."""
+    """Start `streamllm serve` on a free loopback port, logging to `log_path`; returns it once /health is 200."""
     port = free_port()
     cmd = [sys.executable, "-m", "streaming_core.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     if config:
         cmd += ["--config", config]
-    log = log_dir / f"serve-{port}.log"
+    log = log_path(port, log_dir)
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
@@ -52,7 +62,7 @@ def local_server(
     if base_url:
         yield base_url.rstrip("/")
         return
-    proc, url = start_server(Path(os.environ.get("STREAMLLM_DATA_DIR", ".")), config, env, timeout)
+    proc, url = start_server(None, config, env, timeout)
     try:
         yield url
     finally:

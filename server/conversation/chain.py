@@ -15,26 +15,38 @@ from typing import Any
 
 from .errors import ConversationError, invalid
 
-__all__ = ["ConversationError", "canonical", "chain", "content_text", "link", "normalize"]
+__all__ = ["ConversationError", "canonical", "chain", "content_text", "link", "normalize", "utf8_text"]
 
 Message = dict[str, str]
 
 
-def content_text(content: Any, param: str = "messages") -> str:
-    """A message's content as one string: strings as they are, None as "", text parts joined by newlines."""
+def utf8_text(value: Any, what: str) -> str:
+    """A string that UTF-8 can carry (lone surrogates from JSON escapes are refused, not crashed on)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode (lone surrogate)") from e
+    return value
+
+
+def content_text(content: Any) -> str:
+    """A message's content as one string: strings as they are, None as "", text parts joined by newlines.
+    Raises ValueError (the request schema's 400s) for anything else."""
     if content is None:
         return ""
     if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            part = part if isinstance(part, Mapping) else getattr(part, "__dict__", {})
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise invalid(f"only text content parts are supported, got {part.get('type')!r}", param)
-            texts.append(part["text"])
-        return "\n".join(texts)
-    raise invalid(f"message content must be a string or a list of parts, got {type(content).__name__}", param)
+        return utf8_text(content, "content")
+    if not isinstance(content, list):
+        raise ValueError("content must be a string or a list of text content parts")
+    texts = []
+    for part in content:
+        part = part if isinstance(part, Mapping) else getattr(part, "__dict__", {})
+        if part.get("type") != "text":
+            raise ValueError(f"content parts of type {part.get('type')!r} are not supported (only 'text')")
+        texts.append(utf8_text(part.get("text"), "a text content part's text"))
+    return "\n".join(texts)
 
 
 def normalize(messages: Iterable[Mapping[str, Any]]) -> list[Message]:
@@ -44,7 +56,11 @@ def normalize(messages: Iterable[Mapping[str, Any]]) -> list[Message]:
         role = m.get("role")
         if not isinstance(role, str) or not role:
             raise invalid(f"messages[{i}] has no role", f"messages[{i}].role")
-        out.append({"role": role, "content": content_text(m.get("content"), f"messages[{i}].content")})
+        try:
+            content = content_text(m.get("content"))
+        except ValueError as e:
+            raise invalid(str(e), f"messages[{i}].content") from e
+        out.append({"role": role, "content": content})
     return out
 
 

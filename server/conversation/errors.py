@@ -48,3 +48,25 @@ def session_conflict(message: str) -> ConversationError:
 
 def invalid(message: str, param: str, code: str = "invalid_value") -> ConversationError:
     return ConversationError(400, message, param=param, code=code)
+
+
+def session_claim_lost(session_id: str) -> ConversationError:
+    return ConversationError(
+        409,
+        f"session {session_id!r} was taken over by another replica while this turn ran (this replica's "
+        "claim expired); the turn was not saved: send it again",
+        type="conflict_error",
+        param="session_id",
+        code="session_claim_lost",
+    )
+
+
+def session_model_mismatch(session_id: str, recorded: str, served: str) -> ConversationError:
+    return ConversationError(
+        409,
+        f"session {session_id!r} belongs to another model ({recorded}); this server runs {served}: "
+        "start a new session or DELETE this one",
+        type="conflict_error",
+        param="session_id",
+        code="session_model_mismatch",
+    )

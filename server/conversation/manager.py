@@ -33,27 +33,41 @@ Semantics
   completion stream, and the other endpoint answers 409 session_conflict.
 - Redis is written once per completed turn, whole. Its size per session is bounded whatever the
   conversation's length; the hash chain is kept as first hash, last hash and length (see chain.py).
+- With replicas, the commit is fenced by the turn's claim (replicas.py): a turn whose claim expired
+  and was taken by another replica is not saved (409 session_claim_lost); its KV is dropped.
+- A record written under another model identity (identity.py: another model, vocabulary or cache shape
+  on the same Redis) is refused with 409 session_model_mismatch, never rebuilt with foreign token ids;
+  DELETE still removes it.
+- Redis errors (unavailable, timeouts) propagate to the caller; every path releases the session first,
+  so a Redis outage never leaves a session busy.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from streaming_core.engine import Engine, Handle
 from streaming_core.sampler import SamplingParams
 
+from . import engine_kv
 from .chain import normalize
-from .errors import ConversationError, invalid, session_busy, session_not_found
+from .errors import (
+    ConversationError,
+    invalid,
+    session_busy,
+    session_claim_lost,
+    session_model_mismatch,
+    session_not_found,
+)
 from .plan import TurnPlan, TurnState
 from .planner import Planner
-from .replicas import Replicas
+from .replicas import UNAVAILABLE, Replicas
 from .store import SessionRecord, SessionStore
 from .templates import TemplateError
 
@@ -63,7 +77,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 MODES = ("auto", "full", "delta")
 MAX_SESSION_ID = 256
-_CLOSE_WAIT_S = 5.0
 
 
 def default_replica_id() -> str:
@@ -81,11 +94,17 @@ class ConversationManager:
         pin_system_prompt: bool = True,
         replica_id: str | None = None,
         replicas: Replicas | None = None,
+        identity: str = "",
+        commit_timeout: float = 1.0,
     ) -> None:
         self.engine, self.tokenizer, self.store = engine, tokenizer, store
         self.replicas = replicas
         """Cross-replica leases and claims (replicas.py); None: this process is the only one."""
         self.model_name, self.replica_id = model_name, replica_id or default_replica_id()
+        self.identity = identity
+        """Model identity recorded in and required of session records (identity.py); '': not checked."""
+        self.commit_timeout = commit_timeout
+        """Seconds a commit waits for Redis: a fenced commit arriving later is refused (replicas.Fence)."""
         self.supports_sinks = "sink_tokens" in inspect.signature(engine.submit).parameters
         self.planner = Planner(
             tokenizer,
@@ -93,6 +112,7 @@ class ConversationManager:
             pin_system_prompt=pin_system_prompt,
             supports_sinks=self.supports_sinks,
             model_name=model_name,
+            model_id=identity,
             replica_id=self.replica_id,
         )
         self._busy: set[str] = set()
@@ -154,6 +174,7 @@ class ConversationManager:
         if finish_reason not in ("stop", "length"):
             await self.abandon(plan)
             return
+        down = False
         try:
             state = await asyncio.to_thread(self.engine.session_state, sid)
             if state is None:
@@ -161,14 +182,23 @@ class ConversationManager:
                 return
             record, trim = await self._run(self.planner.settle, plan, reply_text, state)
             try:
-                await self.store.put(record)
-            except BaseException:
-                await self._close(sid, plan.request_id)
+                await self._save(record)
+            except BaseException as e:
+                down = isinstance(e, UNAVAILABLE)
+                await engine_kv.close(self.engine, sid, plan.request_id)
                 raise
             if trim:
-                await self._drop_last(sid, trim)
+                await engine_kv.drop_last(self.engine, sid, trim)
         finally:
-            await self._release(sid)
+            await self._release(sid, redis_down=down)
+
+    async def _save(self, record: SessionRecord) -> None:
+        """Write the turn's record, fenced by its claim when there are replicas."""
+        fence = self.replicas.fence(record.id, self.commit_timeout) if self.replicas else None
+        if self.replicas is not None and fence is None:
+            raise session_claim_lost(record.id)
+        if not await self.store.put(record, fence):
+            raise session_claim_lost(record.id)
 
     async def abandon(self, plan: TurnPlan) -> None:
         """The turn was aborted or failed: forget the engine's KV (it holds uncommitted tokens), so that the
@@ -177,8 +207,8 @@ class ConversationManager:
         if sid is None:
             return
         try:
-            if not await self._untouched(plan):
-                await self._close(sid, plan.request_id)
+            if not await engine_kv.untouched(self.engine, plan):
+                await engine_kv.close(self.engine, sid, plan.request_id)
         finally:
             await self._release(sid)
 
@@ -187,7 +217,7 @@ class ConversationManager:
         record = await self.store.get(session_id)
         if record is None or record.owner != owner:
             return None
-        return record.summary((await self._resident([session_id]))[session_id])
+        return record.summary((await engine_kv.resident(self.engine, [session_id]))[session_id])
 
     async def list(self, owner: str) -> list[dict[str, Any]]:
         """The owner's sessions, most recently used first."""
@@ -199,7 +229,7 @@ class ConversationManager:
             key=lambda r: r.updated_at,
             reverse=True,
         )
-        resident = await self._resident([r.id for r in owned])
+        resident = await engine_kv.resident(self.engine, [r.id for r in owned])
         return [r.summary(resident[r.id]) for r in owned]
 
     async def delete(self, owner: str, session_id: str) -> bool:
@@ -228,25 +258,34 @@ class ConversationManager:
         if session_id in self._busy:
             raise session_busy(session_id)
         self._busy.add(session_id)
-        if self.replicas is not None and not await self.replicas.claim(session_id):
-            self._busy.discard(session_id)
-            raise session_busy(session_id)
         try:
+            if self.replicas is not None and not await self.replicas.claim(session_id):
+                raise session_busy(session_id)
             result: TurnPlan = await plan()
-        except BaseException:
-            await self._release(session_id)
+        except BaseException as e:
+            await self._release(session_id, redis_down=isinstance(e, UNAVAILABLE))
             raise
         return result
 
-    async def _release(self, session_id: str) -> None:
+    async def _release(self, session_id: str, redis_down: bool = False) -> None:
+        """Free the session here at once; the Redis claim is released now or, if Redis is away (known
+        from the error at hand, which spares the request another timeout), later."""
         self._busy.discard(session_id)
         if self.replicas is not None:
-            await self.replicas.release(session_id)
+            await self.replicas.release(session_id, later=redis_down)
 
     async def _owned(self, owner: str, session_id: str) -> SessionRecord | None:
         record = await self.store.get(session_id)
-        if record is not None and record.owner != owner:
+        if record is None:
+            return None
+        if record.owner != owner:
             raise session_not_found(session_id)
+        # Records from before identities were kept carry only the model name.
+        recorded, expected = (
+            (record.model_id, self.identity) if record.model_id else (record.model, self.model_name)
+        )
+        if self.identity and recorded != expected:
+            raise session_model_mismatch(session_id, recorded, self.identity)
         return record
 
     async def _live(self, session_id: str, record: SessionRecord | None) -> bool:
@@ -266,42 +305,3 @@ class ConversationManager:
             return True
         await asyncio.to_thread(self.engine.close_session, session_id)
         return False
-
-    async def _untouched(self, plan: TurnPlan) -> bool:
-        """The engine still holds the session exactly as committed (the turn was refused before it
-        consumed anything, e.g. queue_full): keep it rather than force a rebuild."""
-        assert plan.session_id is not None
-        record = plan.turn.record if plan.turn else None
-        if record is None or plan.rebuild is not None or plan.mode == "rebuilt":
-            return False
-        stats = await asyncio.to_thread(self.engine.stats, plan.session_id)
-        return stats is not None and not stats.busy and stats.tokens_seen == record.tokens_seen
-
-    async def _close(self, session_id: str, request_id: str | None) -> None:
-        """Close the engine session once its request (aborted here if still running) has ended."""
-        deadline = asyncio.get_running_loop().time() + _CLOSE_WAIT_S
-        while not await asyncio.to_thread(self.engine.close_session, session_id):
-            stats = await asyncio.to_thread(self.engine.stats, session_id)
-            if stats is None:
-                return
-            if asyncio.get_running_loop().time() > deadline:
-                log.warning("session %s still busy: its KV was not dropped", session_id)
-                return
-            if request_id is not None:
-                self.engine.abort(request_id)
-            await asyncio.sleep(0.02)
-
-    async def _drop_last(self, session_id: str, n: int) -> None:
-        """Drop the KV's last n tokens: cheaply if the engine can truncate, else by closing the session
-        (the next turn rebuilds it from the trimmed record)."""
-        truncate = getattr(self.engine, "truncate", None)
-        if truncate is not None and await asyncio.to_thread(truncate, session_id, n):
-            return
-        await asyncio.to_thread(self.engine.close_session, session_id)
-
-    async def _resident(self, session_ids: Sequence[str]) -> dict[str, bool]:
-        sessions = self.engine.scheduler.sessions
-        future = self.engine.call(lambda: {sid: sid in sessions for sid in session_ids})
-        with contextlib.suppress(Exception):
-            return await asyncio.wrap_future(future)
-        return dict.fromkeys(session_ids, False)

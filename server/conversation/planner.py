@@ -47,10 +47,11 @@ class Planner:
         supports_sinks: bool,
         model_name: str,
         replica_id: str,
+        model_id: str = "",
     ) -> None:
         self.tok, self.cache = tokenizer, cache
         self.pin, self.supports_sinks = pin_system_prompt, supports_sinks
-        self.model_name, self.replica_id = model_name, replica_id
+        self.model_name, self.replica_id, self.model_id = model_name, replica_id, model_id
 
     # -- chat --------------------------------------------------------------------------------------
     def chat(
@@ -238,6 +239,7 @@ class Planner:
             owner=turn.owner,
             kind=turn.kind,
             model=self.model_name,
+            model_id=self.model_id,
             replica=self.replica_id,
             created_at=old.created_at if old else now,
             updated_at=now,

@@ -2,7 +2,8 @@
 
 Keys: `{prefix}:session:{id}` (a hash of the SessionRecord fields) and `{prefix}:owner:{owner}` (the
 set of that owner's session ids). Both expire `ttl_seconds` after the session's last turn. A record is
-written whole in one MULTI/EXEC transaction, so a reader never sees half a turn.
+written whole by one Lua script, so a reader never sees half a turn; given a `Fence` (replicas.py) the
+script writes only if the turn's claim still holds its token and Redis's clock is before its deadline.
 
 Every field is bounded whatever the conversation's length: counters, three chain values (see chain.py),
 a render context of a few capped messages, the last reply, and the sinks and token tail that rebuild the
@@ -17,11 +18,31 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
+from redis.exceptions import TimeoutError
+
+from .replicas import Fence
 
 DEFAULT_TTL_SECONDS = 7 * 86400
 ANONYMOUS = "anonymous"
 _TOKENS = ("sinks", "tail")
 _JSON = ("context",)
+
+# KEYS: session, owner index, claim. ARGV: ttl, session id, token ('' = unfenced), deadline ms, then the
+# record's field/value pairs. Answers 1 (written), 0 (the claim is not ours: lost to expiry), -1 (too late).
+_PUT = """
+if ARGV[3] ~= '' then
+  if redis.call('get', KEYS[3]) ~= ARGV[3] then return 0 end
+  redis.replicate_commands()
+  local now = redis.call('time')
+  if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[4]) then return -1 end
+end
+redis.call('del', KEYS[1])
+redis.call('hset', KEYS[1], unpack(ARGV, 5))
+redis.call('expire', KEYS[1], ARGV[1])
+redis.call('sadd', KEYS[2], ARGV[2])
+redis.call('expire', KEYS[2], ARGV[1])
+return 1
+"""
 
 
 def owner_id(api_key: str | None) -> str:
@@ -46,6 +67,8 @@ class SessionRecord:
     kind: str = "chat"
     """'chat' (messages through the chat template) or 'completion' (raw text appended)."""
     model: str = ""
+    model_id: str = ""
+    """The model identity the tokens belong to (identity.py): name, vocabulary fingerprint, cache shape."""
     replica: str = ""
     """Replica that served the last turn (its engine may still hold the KV)."""
     created_at: float = 0.0
@@ -163,16 +186,17 @@ class SessionStore:
             rows = await pipe.execute()
         return [SessionRecord.from_redis(row) if row else None for row in rows]
 
-    async def put(self, record: SessionRecord) -> None:
-        """Replace the record and refresh both TTLs, atomically."""
-        key, owner_key = self.key(record.id), self.owner_key(record.owner)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(key)
-            pipe.hset(key, mapping=record.to_redis())
-            pipe.expire(key, self.ttl_seconds)
-            pipe.sadd(owner_key, record.id)
-            pipe.expire(owner_key, self.ttl_seconds)
-            await pipe.execute()
+    async def put(self, record: SessionRecord, fence: Fence | None = None) -> bool:
+        """Replace the record and refresh both TTLs, atomically; False if `fence` shows the claim lost.
+        A fenced write that reaches Redis after its deadline is refused and raises TimeoutError, as if it
+        had never arrived (its sender has given up on it)."""
+        keys = [self.key(record.id), self.owner_key(record.owner), fence.key if fence else self.key("")]
+        head = [self.ttl_seconds, record.id, fence.token if fence else "", fence.deadline_ms if fence else 0]
+        pairs = [x for item in record.to_redis().items() for x in item]
+        written = int(await self.redis.eval(_PUT, len(keys), *keys, *head, *pairs))
+        if written < 0:
+            raise TimeoutError(f"the commit of session {record.id!r} reached Redis after its deadline")
+        return written == 1
 
     async def delete(self, record: SessionRecord) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..deps import ServingDep
+from ..deps import LifecycleDep, ServingDep
+from ..errors import APIError
 
 router = APIRouter(tags=["ops"])
 
 
-@router.get("/health")
-async def health(serving: ServingDep) -> dict[str, str]:
-    """200 once the model is loaded and the engine runs; 503 (OpenAI error body) before and while shutting down."""
-    return {"status": "ok", "model": serving.model_name}
+@router.get("/health", response_model=None)
+async def health(serving: ServingDep, lifecycle: LifecycleDep) -> dict[str, str] | JSONResponse:
+    """200 {"status": "ok"} once the model is loaded, the engine runs and Redis answers a PING; 503 with an
+    OpenAI error body before that and while shutting down, and 503 {"status": "degraded", "error": ...}
+    with Retry-After while Redis does not answer (this replica cannot serve sessions meanwhile)."""
+    if await lifecycle.check_redis():
+        return {"status": "ok", "model": serving.model_name}
+    retry_after = str(lifecycle.settings.redis.retry_after_seconds)
+    err = APIError(503, "degraded: session storage (Redis) is unavailable", code="redis_unavailable")
+    body: dict[str, Any] = {"status": "degraded", "model": serving.model_name, "redis": "unavailable"}
+    return JSONResponse(body | err.body(), status_code=503, headers={"Retry-After": retry_after})
 
 
 @router.get("/metrics")

@@ -3,9 +3,12 @@ commands (chat, bench multiturn, bench serve) work against a live server."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import signal
+import threading
+import time
 import uuid
 from argparse import Namespace
 from collections.abc import Iterator
@@ -16,6 +19,7 @@ import pytest
 from server.client.chat import Chat
 from streaming_core.cli import main
 
+from .conftest_http import sse_events
 from .processes import start_server
 
 pytestmark = pytest.mark.slow
@@ -42,6 +46,24 @@ def turn(url: str, session: str, text: str) -> dict:
     return r.json()
 
 
+def stream_lines(url: str, session: str, max_tokens: int, started: threading.Event, out: list[str]) -> None:
+    body = {
+        "model": "SmolLM2-135M-Instruct",
+        "messages": [{"role": "user", "content": "Count to a thousand."}],
+    }
+    body |= {"max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "session_id": session}
+    url = f"{url}/v1/chat/completions"
+    # a SIGKILLed server cuts the body short: what was read is in `out`
+    with (
+        contextlib.suppress(httpx.RemoteProtocolError),
+        httpx.stream("POST", url, json=body | {"stream": True}, timeout=120) as r,
+    ):
+        for line in r.iter_lines():
+            out.append(line)
+            if line.startswith("data:") and len(sse_events(out)) >= 2:
+                started.set()
+
+
 def test_sigkilled_server_sessions_continue_after_restart(tmp_path, redis_url):
     session = f"survivor-{uuid.uuid4().hex[:6]}"
     proc, url = start_server(tmp_path, redis_url)
@@ -49,20 +71,76 @@ def test_sigkilled_server_sessions_continue_after_restart(tmp_path, redis_url):
         turn(url, session, "Tell me about the moon.")
         turn(url, session, "And about the sun?")
         before = httpx.get(f"{url}/v1/sessions/{session}").json()
+        started, lines = threading.Event(), []
+        stream = threading.Thread(target=stream_lines, args=(url, session, 4000, started, lines), daemon=True)
+        stream.start()
+        assert started.wait(60)
     finally:
-        proc.send_signal(signal.SIGKILL)
+        proc.send_signal(signal.SIGKILL)  # in the middle of a third turn's stream
         proc.wait(30)
+    stream.join(30)
     assert before["turns"] == 2
     proc, url = start_server(tmp_path, redis_url)
     try:
         after_restart = httpx.get(f"{url}/v1/sessions/{session}").json()
         assert after_restart["turns"] == 2 and after_restart["tokens_seen"] == before["tokens_seen"]
         assert after_restart["resident"] is False
-        reply = turn(url, session, "Which one is bigger?")
+        reply = turn(url, session, "Which one is bigger?")  # at once: the killed stream left it not busy
         assert reply["session_id"] == session
         assert reply["usage"]["prompt_tokens"] > before["tokens_seen"]  # the history is still counted
         now = httpx.get(f"{url}/v1/sessions/{session}").json()
         assert now["turns"] == 3 and now["tokens_seen"] > before["tokens_seen"] and now["resident"] is True
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def test_sigterm_finishes_or_ends_streams_commits_and_exits(tmp_path, redis_url):
+    """SIGTERM with two streams in flight: the one that can finish within the grace period finishes and is
+    committed, the other ends with an error event; the process exits on its own soon after the grace."""
+    grace = 3.0
+    short, long = f"short-{uuid.uuid4().hex[:6]}", f"long-{uuid.uuid4().hex[:6]}"
+    proc, url = start_server(tmp_path, redis_url, STREAMLLM_SERVER__SHUTDOWN_GRACE_SECONDS=str(grace))
+    try:
+        turn(url, short, "Hello!")
+        turn(url, long, "Hello!")
+        lines: dict[str, list[str]] = {short: [], long: []}
+        started = {short: threading.Event(), long: threading.Event()}
+        streams = [
+            threading.Thread(target=stream_lines, args=(url, sid, n, started[sid], lines[sid]))
+            for sid, n in ((short, 16), (long, 4000))
+        ]
+        for t in streams:
+            t.start()
+        assert all(e.wait(60) for e in started.values())
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        for t in streams:
+            t.join(grace + 30)
+        # uvicorn re-raises the signal it shut down for once it is done, as supervisors expect
+        assert proc.wait(grace + 30) == -signal.SIGTERM
+        exited = time.monotonic() - sent
+        print(f"\nSIGTERM with 2 streams in flight, grace {grace}s: exited after {exited:.1f}s")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert exited < grace + 15, f"exited {exited:.1f}s after SIGTERM"
+    log = next(tmp_path.glob(f"serve-{url.rsplit(':', 1)[1]}.log")).read_text()
+    assert "stopped" in log and "Finished server process" in log  # a shutdown, not a death by signal
+    done, cut = sse_events(lines[short]), sse_events(lines[long])
+    assert done[-1] == "[DONE]" and done[-2]["choices"][0]["finish_reason"] == "length"
+    assert cut[-1] == "[DONE]" and cut[-2]["error"]["code"] == "shutting_down"
+
+    proc, url = start_server(tmp_path, redis_url)
+    try:
+        assert (
+            httpx.get(f"{url}/v1/sessions/{short}").json()["turns"] == 2
+        )  # the finished stream was committed
+        assert httpx.get(f"{url}/v1/sessions/{long}").json()["turns"] == 1  # the cut one was not
+        for sid in (short, long):
+            turn(url, sid, "Go on.")
+            assert httpx.get(f"{url}/v1/sessions/{sid}").json()["turns"] in (2, 3)
     finally:
         proc.terminate()
         proc.wait(60)

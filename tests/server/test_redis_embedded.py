@@ -1,5 +1,5 @@
-"""The embedded Redis: starts, persists, and is reused or restarted cleanly by the next server on the same
-data dir after a SIGKILL (of the server, or of Redis itself)."""
+"""The embedded Redis: persists, keeps its port across restarts, and is adopted or restarted cleanly by the
+next server on the same data dir after a SIGKILL (of the server, or of Redis itself)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import subprocess
 import sys
 import time
 
+import psutil
 import redis
 
-from server.redis_embedded import EmbeddedRedis, _alive
+from server.redis_embedded import DB_FILE, EmbeddedRedis, free_port
 
 CHILD = """
 import sys, time, redis
@@ -24,15 +25,28 @@ time.sleep(600)
 """
 
 
-def test_start_write_stop_restart_keeps_data(tmp_path):
-    first = EmbeddedRedis(tmp_path, appendfsync="always")
-    redis.Redis.from_url(first.start()).set("k", "v")
-    assert (tmp_path / "redis" / "redis.conf").read_text().count("appendonly yes") == 1
+def gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_start_write_stop_restart_keeps_data_and_port(tmp_path):
+    port = free_port()
+    first = EmbeddedRedis(tmp_path, port=port, appendfsync="always")
+    assert first.start() == f"redis://127.0.0.1:{port}/0"
+    redis.Redis.from_url(first.url).set("k", "v")
+    assert first.client is not None and first.client.config_get("appendonly")["appendonly"] == "yes"
     pid = first.pid
+    assert pid
     first.stop()
-    assert not _alive(pid) and not (tmp_path / "redis" / "endpoint.json").exists()
-    with EmbeddedRedis(tmp_path) as second:
-        assert not second.adopted and redis.Redis.from_url(second.url).get("k") == b"v"
+    assert gone(pid)
+    with EmbeddedRedis(tmp_path, port=port) as second:
+        assert second.pid != pid and second.port == port
+        assert redis.Redis.from_url(second.url).get("k") == b"v"
 
 
 def test_a_sigkilled_server_leaves_a_redis_the_next_one_adopts(tmp_path):
@@ -45,32 +59,34 @@ def test_a_sigkilled_server_leaves_a_redis_the_next_one_adopts(tmp_path):
     child.wait()
     server = EmbeddedRedis(tmp_path)
     try:
-        assert server.start() == url and server.adopted and server.responsible
+        assert server.start() == url  # adopted: the same Redis, on its port
         assert redis.Redis.from_url(url).get("k") == b"kept"
-        assert json.loads((tmp_path / "redis" / "endpoint.json").read_text())["owner"] == os.getpid()
     finally:
         pid = server.pid
         server.stop()
-    assert pid is not None and not _alive(pid)
+    assert pid and gone(pid)
 
 
-def test_a_dead_redis_is_restarted_from_its_append_only_file(tmp_path):
-    first = EmbeddedRedis(tmp_path, appendfsync="always")
+def test_a_sigkilled_redis_is_restarted_from_its_append_only_file_on_its_port(tmp_path):
+    first = EmbeddedRedis(tmp_path, port=free_port(), appendfsync="always")
     redis.Redis.from_url(first.start()).set("k", "survives")
-    assert first.process is not None
-    first.process.kill()
-    first.process.wait()
-    with EmbeddedRedis(tmp_path) as second:
-        assert not second.adopted and second.pid != first.pid
+    assert first.pid
+    os.kill(first.pid, signal.SIGKILL)
+    assert gone(first.pid)
+    with EmbeddedRedis(tmp_path, port=first.port or 0) as second:
+        assert second.pid != first.pid and second.url == first.url
         assert redis.Redis.from_url(second.url).get("k") == b"survives"
 
 
-def test_a_stale_endpoint_naming_a_foreign_process_is_left_alone(tmp_path):
+def test_a_stale_registry_naming_a_foreign_process_is_left_alone(tmp_path):
     (tmp_path / "redis").mkdir()
     sleeper = subprocess.Popen(["sleep", "30"])
     try:
-        endpoint = {"port": 1, "pid": sleeper.pid, "owner": sleeper.pid}
-        (tmp_path / "redis" / "endpoint.json").write_text(json.dumps(endpoint))
+        pidfile = tmp_path / "redis.pid"
+        pidfile.write_text(str(sleeper.pid))
+        registry = {"pidfile": str(pidfile), "unixsocket": str(tmp_path / "none.sock")}
+        registry |= {"dbdir": str(tmp_path / "redis"), "dbfilename": DB_FILE}
+        (tmp_path / "redis" / f"{DB_FILE}.settings").write_text(json.dumps(registry))
         with EmbeddedRedis(tmp_path) as server:
             assert server.pid != sleeper.pid and redis.Redis.from_url(server.url).ping()
         time.sleep(0.05)

@@ -14,6 +14,7 @@ import pytest
 from server.redis_embedded import free_port
 from tests.deploy.test_services import NGINX, local_nginx_conf, needs_nginx, wait_listening
 
+from .conftest_http import sse_events
 from .processes import start_server
 
 pytestmark = pytest.mark.slow
@@ -89,6 +90,41 @@ def test_failover_claims_and_return(tmp_path, redis_url):
     finally:
         for proc in (a, b):
             if proc.poll() is None:
+                proc.terminate()
+                proc.wait(60)
+
+
+def test_a_paused_replica_whose_claim_expired_cannot_commit_its_late_turn(tmp_path, redis_url):
+    """Replica A is SIGSTOPped mid-stream past its lease; B takes the session and commits a turn; A, resumed,
+    finishes its reply but its commit is refused (fencing): A's client gets an error event, no turn is
+    lost or written twice."""
+    sid = f"fenced-{uuid.uuid4().hex[:6]}"
+    a, url_a = start_server(tmp_path, redis_url, STREAMLLM_REPLICA_ID="pause-a", **LEASE)
+    b, url_b = start_server(tmp_path, redis_url, STREAMLLM_REPLICA_ID="pause-b", **LEASE)
+    try:
+        assert chat(url_a, sid, "Name a planet.").status_code == 200
+        body = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Count."}]}
+        body |= {"session_id": sid, "stream": True, "max_tokens": 40, "ignore_eos": True, "temperature": 0}
+        with httpx.stream("POST", f"{url_a}/v1/chat/completions", json=body, timeout=120) as stream:
+            lines = stream.iter_lines()
+            next(lines)
+            a.send_signal(signal.SIGSTOP)
+            try:
+                time.sleep(3)  # past A's 2 s lease: its claim expires
+                r = chat(url_b, sid, "Name another one.")
+                assert r.status_code == 200, r.text
+            finally:
+                a.send_signal(signal.SIGCONT)
+            events = sse_events(list(lines))
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "session_claim_lost", events[-3:]
+        record = info(url_b, sid)
+        assert record["turns"] == 2 and record["replica"] == "pause-b"  # A's late turn did not land
+        assert chat(url_a, sid, "Which is bigger?").status_code == 200  # A carries on from B's commit
+        assert info(url_a, sid)["turns"] == 3
+    finally:
+        for proc in (a, b):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
                 proc.terminate()
                 proc.wait(60)
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
+from redis.exceptions import TimeoutError
+
+from server.conversation.replicas import Fence, Replicas
 from server.conversation.store import SessionRecord, SessionStore, owner_id, pack_tokens, unpack_tokens
 
 
@@ -64,3 +68,24 @@ async def test_index_delete_and_expired_members(store: SessionStore):
     await store.forget("alice", ["b"])
     assert await store.ids("alice") == []
     assert await store.ttl("a") == -2
+
+
+async def test_fenced_put_needs_the_claim_token_and_beats_the_deadline(store: SessionStore):
+    replicas = Replicas(store.redis, "r1", prefix=store.prefix, lease_ms=5000)
+    await replicas.start()
+    try:
+        assert await replicas.claim("s1")
+        fence = replicas.fence("s1", timeout_s=1.0)
+        assert fence is not None
+        assert await store.put(record(turns=1), fence)
+        forged = Fence(fence.key, "r2|0|0", fence.deadline_ms)
+        assert not await store.put(record(turns=2), forged)  # not the claim's token: refused
+        late = Fence(fence.key, fence.token, fence.deadline_ms - 5000)
+        with pytest.raises(TimeoutError):
+            await store.put(record(turns=3), late)  # arrived after its sender gave up: refused
+        assert (await store.get("s1")).turns == 1  # type: ignore[union-attr]
+        await replicas.release("s1")
+        assert not await store.put(record(turns=4), replicas.fence("s1", 1.0) or fence)  # released
+        assert (await store.get("s1")).turns == 1  # type: ignore[union-attr]
+    finally:
+        await replicas.stop()
