@@ -96,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
     hf_tps = bench_hf_generate(loaded, args.tokens, args.prompt_tokens, dtype)
     results["hf_generate_tok_per_s"] = hf_tps
     results["dtype"] = str(dtype).removeprefix("torch.")
+    if loaded.model.kernels is not None:  # which kernel each weight role runs per batch bucket, and why
+        results["weights"] = loaded.model.kernels.mode
+        results["kernels"] = loaded.model.kernels.lines()
     if dtype != torch.float32:  # the reference point is transformers in fp32
         results["hf_generate_fp32_tok_per_s"] = bench_hf_generate(
             loaded, args.tokens, args.prompt_tokens, torch.float32
@@ -110,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
         fp32 = results["hf_generate_fp32_tok_per_s"]
         rows.append(("hf generate (1, float32)", fp32, 1000 / fp32, fp32 / base))
     caption = (
-        f"{loaded.name}, {device}, {dtype}, cache {args.sinks}+{args.window}, {args.tokens} tokens/session"
+        f"{loaded.name}, {device}, {dtype}, weights {results.get('weights', 'plain')}, "
+        f"cache {args.sinks}+{args.window}, {args.tokens} tokens/session"
     )
     print_table("decode throughput", ["sessions", "tok/s", "ms/step", f"x vs {sizes[0]}"], rows, caption)
     if args.plot:
