@@ -365,7 +365,9 @@ class Engine:
         where = s.location.value
         if s.location is KVLocation.HOST:
             where = self.tiers.where(s.id) or where
-        return SessionStats(s.id, s.tokens_seen, s.cache_tokens, s.evicted, where, s.slot, s.request is not None)
+        return SessionStats(
+            s.id, s.tokens_seen, s.cache_tokens, s.evicted, where, s.slot, s.request is not None
+        )
 
 
 def eos_token_ids(tokenizer: Any, hf_config: Any) -> set[int]:
