@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from streaming_core.engine import Engine, build_engine
-from streaming_core.loader import DEFAULT_GGUF
+from streaming_core.loader import DEFAULT_GGUF, default_data_dir
 
 from .conversation.manager import ConversationManager, default_replica_id
 from .conversation.replicas import Replicas
@@ -45,6 +45,12 @@ def served_model_name(settings: Settings) -> str:
         return DEFAULT_GGUF.split(".")[0]
     path = Path(source)
     return path.stem if path.suffix == ".gguf" else path.resolve().name
+
+
+def kv_tier_dir(settings: Settings) -> Path:
+    """The disk KV tier's directory: per replica, since each wipes its own at start."""
+    replica = re.sub(r"[^A-Za-z0-9._-]", "_", default_replica_id())
+    return (settings.data_dir or default_data_dir()) / "kv-tier" / replica
 
 
 @dataclass
@@ -119,7 +125,9 @@ class Lifecycle:
             settings = self.settings
             engine = self._given_engine
             if engine is None:
-                engine = await asyncio.to_thread(build_engine, settings.engine, settings.data_dir)
+                engine = await asyncio.to_thread(
+                    build_engine, settings.engine, settings.data_dir, kv_tier_dir(settings)
+                )
             redis = await self._connect_redis()
             name = served_model_name(settings)
             store = SessionStore(redis, ttl_seconds=settings.server.session_ttl_seconds)
