@@ -191,6 +191,8 @@ class Lifecycle:
         engine = self.serving.engine if self.serving else self._given_engine
         if engine is not None:
             await asyncio.to_thread(engine.stop)
+            if self._given_engine is None:  # its sessions end with it, and so do their disk KV files
+                await asyncio.to_thread(engine.tiers.close)
         if self._replicas is not None:
             await self._replicas.stop()
         if self._redis is not None:

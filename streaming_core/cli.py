@@ -30,6 +30,7 @@ COMMANDS: list[str] = [
     "server.client.chat",
     "server.client.bench_multiturn",
     "server.client.bench_serve",
+    "server.client.bench_sessions",
 ]
 
 
