@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -78,9 +77,8 @@ class KVTiers:
         self._done = threading.Condition(self._lock)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamllm-kv-tiers")
         if self.disk_dir is not None:
-            # the engine forgets every session on restart, so what an earlier process left here is garbage
-            shutil.rmtree(self.disk_dir, ignore_errors=True)
             self.disk_dir.mkdir(parents=True, exist_ok=True)
+            self._wipe()  # no session outlives its engine: what an earlier process left here is garbage
 
     @property
     def entry_bytes(self) -> int:
@@ -176,8 +174,7 @@ class KVTiers:
     def close(self) -> None:
         """Stop the worker and delete the disk tier's files (the engine holds no session any more)."""
         self._worker.shutdown(wait=True)
-        if self.disk_dir is not None:
-            shutil.rmtree(self.disk_dir, ignore_errors=True)
+        self._wipe()
 
     # -- worker thread -----------------------------------------------------------------------------
     def _offload(self, session_id: str, slot: int, ready: Any) -> None:
@@ -298,6 +295,14 @@ class KVTiers:
     def _path(self, session_id: str) -> Path:
         assert self.disk_dir is not None
         return self.disk_dir / (hashlib.sha256(session_id.encode()).hexdigest()[:32] + ".kv")
+
+    def _wipe(self) -> None:
+        """Delete this tier's files (only those: the directory may be shared by mistake)."""
+        if self.disk_dir is not None:
+            for path in [*self.disk_dir.glob("*.kv"), *self.disk_dir.glob("*.kv.tmp-*")]:
+                path.unlink(missing_ok=True)
+        with self._lock:
+            self._disk.clear()
 
     def _host_bytes(self) -> int:
         return sum(s.nbytes for s in self._host.values()) + sum(s.nbytes for s in self._moving.values())

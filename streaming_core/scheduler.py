@@ -76,7 +76,7 @@ class Scheduler:
         self.waiting.append(request)
 
     def finish(self, request: Request) -> list[str]:
-        """Take a request out of the queues; returns session ids whose host snapshots are now unused."""
+        """Take a request out of the queues; returns session ids whose tier copies are now unused."""
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
