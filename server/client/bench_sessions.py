@@ -3,7 +3,8 @@ bounded by the KV tier budgets, and every conversation still continues with its 
 
 A local server is started with the default settings (or `--config`) and a data directory of its own (the
 disk KV tier lives there; converted models are shared with the default data directory). Each conversation
-gets one turn, then every one gets a second; we sample the server's RSS (from /proc) and its
+gets one turn, then every one gets a second (most recent first, or in the same order: `--order`), which
+finds its KV in a slot, in host memory, on disk, or rebuilds it from Redis; we sample the server's RSS (from /proc) and its
 `streamllm:kv_tier_*` metrics along the way. The target: RSS growth beyond the first `--resident`
 conversations (the device slots) stays under the host budget + 0.5 GB.
 """
@@ -36,6 +37,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--concurrency", type=int, default=4, help="conversations in flight at once")
     p.add_argument("--max-tokens", type=int, default=4, help="reply length per turn")
     p.add_argument("--resident", type=int, default=16, help="conversations before the RSS baseline")
+    p.add_argument(
+        "--order",
+        choices=["reverse", "same"],
+        default="reverse",
+        help="second turns most recent first (reverse: promotions from each tier) or in the first order "
+        "(same: LRU's worst case, every second turn a rebuild once the tiers overflow)",
+    )
     p.add_argument("--config", help="server YAML (default: the built-in defaults)")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     p.add_argument("--plot", help="write a PNG of RSS and tier bytes against conversations")
@@ -112,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
 
                 _pass(client, model, ids, "Hello! Who are you?", args, lambda d: sample(d, "first"))
                 first_s = time.monotonic() - start
-                _pass(client, model, ids, "And what can you do?", args, lambda d: sample(d, "second"))
+                again = ids[::-1] if args.order == "reverse" else ids
+                _pass(client, model, again, "And what can you do?", args, lambda d: sample(d, "second"))
                 infos = [client.get(f"/v1/sessions/{sid}").json() for sid in ids]
         finally:
             stop(proc)
@@ -136,6 +145,7 @@ def report(
     intact = sum(1 for i in infos if i.get("turns") == 2)
     rebuilt = sum(1 for i in infos if i.get("rebuilds", 0) > 0)
     end = points[-1]
+    promoted = {t: end.get(f"promotions:{t}", 0) for t in ("host", "disk")}
     rows = [
         (
             f"{p['phase']} turn",
@@ -151,11 +161,13 @@ def report(
         ["pass", "conversations", "server RSS GB", "host sessions", "disk sessions"],
         rows,
         f"RSS growth beyond the first {resident}: {growth / 1e9:.3f} GB (limit {limit / 1e9:.3f}); "
-        f"second turns with turns == 2: {intact}/{len(infos)}; rebuilt: {rebuilt}",
+        f"second turns with turns == 2: {intact}/{len(infos)}; KV from host {promoted['host']:.0f}, "
+        f"from disk {promoted['disk']:.0f}, rebuilt {rebuilt}",
     )
     result = {
         "conversations": args.conversations,
         "concurrency": args.concurrency,
+        "order": args.order,
         "rss_start_bytes": base,
         "rss_after_resident_bytes": after_resident,
         "rss_peak_bytes": peak,
