@@ -3,8 +3,9 @@
 `--streams` sessions decode without end while, trial after trial, a new session needs the last slot and
 the least recently used idle one is moved down to the host tier. We time every engine step: steps with no
 KV move, the step that starts a demotion, and the steps that follow until the new session is admitted and
-prefilled (asynchronously, they run while the worker copies). The sync mode waits for the copy inside the
-step, as the engine did before the tiers, for comparison.
+prefilled (asynchronously, they run while the worker copies), and "paired": each demotion step minus the
+median of the plain steps just before it. The sync mode waits for the copy inside the step, as the engine
+did before the tiers, for comparison.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def _trials(engine: Engine, args: argparse.Namespace, sync: bool) -> dict[str, l
     forever = SamplingParams(max_tokens=1 << 30, temperature=0, ignore_eos=True)
     for i in range(args.streams):
         engine.submit(f"stream-{i}", [100 + i] * 8, forever)
-    out: dict[str, list[float]] = {"plain": [], "demotion": [], "following": []}
+    out: dict[str, list[float]] = {"plain": [], "demotion": [], "following": [], "paired": []}
     if sync:  # the copy inside the step, as `_move_kv` did before the tiers
         move = engine.runner._move_kv
 
@@ -64,10 +65,9 @@ def _trials(engine: Engine, args: argparse.Namespace, sync: bool) -> dict[str, l
         engine.runner._move_kv = move_and_wait  # type: ignore[method-assign]
     previous = None
     for t in tqdm(range(args.trials + 1), desc="sync" if sync else "async", unit="demotion"):
-        for _ in range(5):
-            dt = _timed(engine)
-            if previous is not None:  # the first trial's steps include the streams' prefill
-                out["plain"].append(dt)
+        plain = [_timed(engine) for _ in range(5)]
+        if previous is not None:  # the first trial's steps include the streams' prefill
+            out["plain"] += plain
         sid = f"new-{t}"
         engine.submit(sid, [7, 8, 9], None)  # prefill only: the session then sits idle in its slot
         offloads = engine.scheduler.offloads
@@ -76,6 +76,8 @@ def _trials(engine: Engine, args: argparse.Namespace, sync: bool) -> dict[str, l
             started = engine.scheduler.offloads > offloads
             if previous is not None:  # the first trial only fills the last slot
                 out["demotion" if started else "following"].append(dt)
+                if started:  # against this trial's own plain steps: the machine's load drifts
+                    out["paired"].append(dt - statistics.median(plain))
             offloads = engine.scheduler.offloads
         previous = sid
     engine.stop()
