@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from streaming_core.engine import Engine
-from streaming_core.loader import build_engine
+from streaming_core.loader import build_engine, default_data_dir
 
 from .conversation.identity import model_identity
 from .conversation.manager import ConversationManager, default_replica_id
@@ -33,6 +35,12 @@ from .serving import Serving, served_model_name
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def kv_tier_dir(settings: Settings) -> Path:
+    """The disk KV tier's directory: per replica, since each wipes its own at start."""
+    replica = re.sub(r"[^A-Za-z0-9._-]", "_", default_replica_id())
+    return (settings.data_dir or default_data_dir()) / "kv-tier" / replica
 
 
 class Lifecycle:
@@ -74,7 +82,9 @@ class Lifecycle:
             settings = self.settings
             engine = self._given_engine
             if engine is None:
-                engine = await asyncio.to_thread(build_engine, settings.engine, settings.data_dir)
+                engine = await asyncio.to_thread(
+                    build_engine, settings.engine, settings.data_dir, kv_tier_dir(settings)
+                )
             redis = await self._connect_redis()
             name = served_model_name(settings)
             store = SessionStore(redis, ttl_seconds=settings.server.session_ttl_seconds)
@@ -168,6 +178,8 @@ class Lifecycle:
         engine = self.serving.engine if self.serving else self._given_engine
         if engine is not None:
             await asyncio.to_thread(engine.stop)
+            if self._given_engine is None:  # its sessions end with it, and so do their disk KV files
+                await asyncio.to_thread(engine.tiers.close)
         if self._replicas is not None:
             await self._replicas.stop()
         if self._redis is not None:

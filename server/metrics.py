@@ -2,10 +2,13 @@
 
 Request timings (TTFT, inter-token latency, end to end) are measured where the client sees them, in the
 request's own coroutine; engine state (queues, KV slot use, offloads, token counts) is sampled by the
-engine's `on_step` hook on its loop thread.
+engine's `on_step` hook on its loop thread, KV tiers included (`Engine.tier_counts`).
 """
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -56,6 +59,31 @@ class Metrics:
         )
         self.sessions = Gauge("streamllm:num_sessions", "Sessions the engine holds.", labels, registry=r)
         self.offloads = Counter("streamllm:kv_offloads", "Session KV offloads to host.", labels, registry=r)
+        tiered = ["model_name", "tier"]
+        self.tier_sessions = Gauge(
+            "streamllm:kv_tier_sessions", "Sessions whose KV is held in each tier.", tiered, registry=r
+        )
+        self.tier_bytes = Gauge(
+            "streamllm:kv_tier_bytes", "Bytes of session KV held in each tier.", tiered, registry=r
+        )
+        self.demotions = Counter(
+            "streamllm:kv_tier_demotions",
+            "Session KV moved down, by the tier it went to (none: dropped, rebuilt on its next turn).",
+            tiered,
+            registry=r,
+        )
+        self.promotions = Counter(
+            "streamllm:kv_tier_promotions",
+            "Session KV taken back to a slot, by the tier it came from.",
+            tiered,
+            registry=r,
+        )
+        self.tier_errors = Counter(
+            "streamllm:kv_tier_disk_errors",
+            "Disk tier failures (write: full or unwritable; read: corrupt or mismatched); the KV is dropped.",
+            ["model_name", "kind"],
+            registry=r,
+        )
         self.rebuilds = Counter(
             "streamllm:session_rebuilds", "Sessions rebuilt from Redis.", labels, registry=r
         )
@@ -86,6 +114,7 @@ class Metrics:
         for where in ("request", "commit", "heartbeat", "health"):
             self.redis_errors.labels(model_name, where)
         self._offloads_seen = 0
+        self._tier_seen: dict[tuple[str, str], int] = {}
         families: list[Histogram | Gauge | Counter] = [
             *(self.ttft, self.itl, self.e2e, self.running, self.waiting, self.slots, self.sessions),
             *(self.offloads, self.rebuilds, self.prompt_tokens, self.generation_tokens),
@@ -96,6 +125,15 @@ class Metrics:
             self.finished.labels(model_name, reason)
         for kind in ("migration", "takeover"):
             self.moves.labels(model_name, kind)
+        for tier in ("slot", "host", "disk"):
+            self.tier_sessions.labels(model_name, tier)
+            self.tier_bytes.labels(model_name, tier)
+        for tier in ("host", "disk", "none"):
+            self.demotions.labels(model_name, tier)
+        for tier in ("host", "disk"):
+            self.promotions.labels(model_name, tier)
+        for kind in ("write", "read"):
+            self.tier_errors.labels(model_name, kind)
 
     def on_step(self, engine: Engine, work: list[Scheduled]) -> None:
         """Engine hook (loop thread): queue sizes, slot use and token counts after each step."""
@@ -112,6 +150,34 @@ class Metrics:
         generated = sum(1 for w in work if w.sample and w.request.params is not None)
         self.prompt_tokens.labels(name).inc(prefilled)
         self.generation_tokens.labels(name).inc(generated)
+        self._tiers(engine)
+
+    async def sample_tiers(self, engine: Engine) -> None:
+        """Tiers change between steps too (a copy finishing on the worker): sample them on every scrape,
+        on the loop thread, which owns the sessions."""
+        with contextlib.suppress(Exception):  # a stopped or failing engine leaves the last values
+            await asyncio.wrap_future(engine.call(lambda: self._tiers(engine)))
+
+    def _tiers(self, engine: Engine) -> None:
+        """Tier gauges as they are now; the engine's monotonic tier counters as Prometheus counters."""
+        c, name = engine.tier_counts(), self.model_name
+        for tier, n, size in (
+            ("slot", c.slot_sessions, c.slot_bytes),
+            ("host", c.host_sessions, c.host_bytes),
+            ("disk", c.disk_sessions, c.disk_bytes),
+        ):
+            self.tier_sessions.labels(name, tier).set(n)
+            self.tier_bytes.labels(name, tier).set(size)
+        for family, key, counts in (
+            (self.demotions, "demotions", c.demotions),
+            (self.promotions, "promotions", c.promotions),
+            (self.tier_errors, "errors", c.errors),
+        ):
+            for label, total in counts.items():
+                seen = self._tier_seen.get((key, label), 0)
+                if total > seen:
+                    family.labels(name, label).inc(total - seen)
+                    self._tier_seen[key, label] = total
 
     def request_done(self, reason: str, e2e: float) -> None:
         self.finished.labels(self.model_name, reason).inc()

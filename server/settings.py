@@ -100,7 +100,8 @@ class Settings(BaseSettings):
     config: Path | None = None
     """YAML file with any of these settings (STREAMLLM_CONFIG); the environment overrides it."""
     data_dir: Path | None = None
-    """Where converted models are cached (STREAMLLM_DATA_DIR); None: ~/.cache/streamllm."""
+    """Where converted models are cached and the disk KV tier lives, under kv-tier/<replica>
+    (STREAMLLM_DATA_DIR); None: ~/.cache/streamllm."""
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Accepted Bearer keys (STREAMLLM_API_KEYS, comma-separated); none and no key file: no auth."""
     api_key_file: Path | None = None

@@ -30,13 +30,13 @@ class BatchPlan:
 
     chunks: tuple[SeqChunk, ...]
     offload: tuple[tuple[str, int], ...] = ()
-    """(session id, slot): copy the slot to host memory; the slot is reused in this same step."""
+    """(session id, slot): copy the slot down the KV tiers; no one gets the slot until the copy is done."""
     restore: tuple[tuple[str, int], ...] = ()
-    """(session id, slot): copy the session's host snapshot into the slot."""
+    """(session id, slot): copy the session's claimed tier snapshot into the slot."""
     clear: tuple[int, ...] = ()
     """Slots handed to sessions with no KV yet."""
     drop: tuple[str, ...] = ()
-    """Sessions whose host snapshots are no longer needed."""
+    """Sessions whose tier copies (host or disk) are no longer needed."""
 
     @property
     def num_tokens(self) -> int:

@@ -26,10 +26,12 @@ COMMANDS: list[str] = [
     "streaming_core.bench.latency",
     "streaming_core.bench.decode",
     "streaming_core.bench.session_memory",
+    "streaming_core.bench.demotion",
     "server.cli_serve",
     "server.client.chat",
     "server.client.bench_multiturn",
     "server.client.bench_serve",
+    "server.client.bench_sessions",
 ]
 
 

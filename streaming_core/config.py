@@ -17,6 +17,11 @@ class CacheConfig:
     """Slots preallocated in the device pool: sessions whose KV is resident at once."""
     prefill_chunk: int = 256
     """Largest prompt chunk prefilled in one forward; bounds activation memory for any prompt length."""
+    host_budget_bytes: int = 2 << 30
+    """Host memory for offloaded sessions' KV (least recently used go to disk beyond it); 0: none."""
+    disk_budget_bytes: int = 20 << 30
+    """Disk under the data directory for sessions demoted from host (oldest dropped, then rebuilt,
+    beyond it); 0, or an engine given no directory: no disk tier."""
 
     def __post_init__(self) -> None:
         if self.sink_tokens < 0:
@@ -27,6 +32,10 @@ class CacheConfig:
             raise ValueError(f"num_slots must be >= 1, got {self.num_slots}")
         if self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        if self.host_budget_bytes < 0:
+            raise ValueError(f"host_budget_bytes must be >= 0, got {self.host_budget_bytes}")
+        if self.disk_budget_bytes < 0:
+            raise ValueError(f"disk_budget_bytes must be >= 0, got {self.disk_budget_bytes}")
 
     @property
     def capacity(self) -> int:

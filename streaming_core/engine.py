@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -24,12 +25,13 @@ from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .engine_loop import EngineLoop
 from .kv_pool import KVPool
+from .kv_tiers import KVTiers, TierCounts
 from .models import DecoderModel
 from .positions import ring_index
 from .runner import ModelRunner
 from .sampler import RequestSampler, SamplingParams, sample
 from .scheduler import QueueFull, Scheduled, Scheduler, SessionBusy
-from .session import Rebuild, Request, RequestStream, SessionStats, TokenEvent
+from .session import KVLocation, Rebuild, Request, RequestStream, SessionStats, TokenEvent
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,14 +47,23 @@ class Handle:
 
 class Engine:
     def __init__(
-        self, model: DecoderModel, tokenizer: Any, config: EngineConfig, eos_token_ids: Iterable[int] = ()
+        self,
+        model: DecoderModel,
+        tokenizer: Any,
+        config: EngineConfig,
+        eos_token_ids: Iterable[int] = (),
+        kv_dir: Path | None = None,
     ) -> None:
+        """`kv_dir`: where the disk KV tier keeps its files (wiped here: no session outlives the engine);
+        None: no disk tier."""
         config.cache.check_context(model.max_context)
         self.model, self.tokenizer, self.config = model, tokenizer, config
         kv_dtype = None if config.kv_dtype == "auto" else getattr(torch, config.kv_dtype)
         self.pool = KVPool(config.cache, model.kv_shape, model.lm_head.dtype, model.lm_head.device, kv_dtype)
-        self.runner = ModelRunner(model, self.pool)
+        self.tiers = KVTiers(self.pool, kv_dir)
+        self.runner = ModelRunner(model, self.pool, self.tiers)
         self.scheduler = Scheduler(config.cache, config.max_batch_tokens, config.max_waiting)
+        self.scheduler.fetch = self.tiers.claim
         self.eos = set(eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.loop = EngineLoop(lambda: self.scheduler.has_work, self._safe_step, self._abort_all)
@@ -162,7 +173,7 @@ class Engine:
             if s is None or s.request is not None:
                 return False
             for sid in self.scheduler.close(session_id):
-                self.runner.host.pop(sid, None)
+                self.tiers.discard(sid)
             return True
 
         return self.call(close).result()
@@ -188,7 +199,8 @@ class Engine:
         return self.call(cut).result()
 
     def offload(self, session_id: str) -> None:
-        """Move an idle session's KV to host memory now (otherwise it happens LRU when slots run out)."""
+        """Move an idle session's KV down the tiers now and wait for the copy (otherwise it happens LRU,
+        off the hot path, when slots run out)."""
 
         def move() -> None:
             s = self.scheduler.sessions[session_id]
@@ -196,6 +208,8 @@ class Engine:
                 raise ValueError(f"session {session_id!r} is busy or not resident")
             plan = self.scheduler.evict(s)
             self.runner.run(plan)
+            self.tiers.flush()
+            self._sync_tiers()
 
         self.call(move).result()
 
@@ -228,8 +242,8 @@ class Engine:
         KV it never accounted for, so none of it is reused; the next turn rebuilds from the record."""
         for req in list(self.scheduler.running):
             self._finish(req, "error", error=error)
-            for sid in self.scheduler.close(req.session.id):
-                self.runner.host.pop(sid, None)
+            self.scheduler.close(req.session.id)
+            self.tiers.discard(req.session.id)
 
     def run_until_done(self, *handles: Handle) -> None:
         """Drive steps inline until the given requests have ended (no loop thread)."""
@@ -241,9 +255,26 @@ class Engine:
 
     # -- one step ----------------------------------------------------------------------------------
     def step(self) -> None:
+        self._sync_tiers()
         plan, work = self.scheduler.schedule()
         output = self.runner.run(plan)
         self._postprocess(work, output)
+        if not plan.chunks and self.scheduler.draining:  # nothing runs until a slot's copy is done
+            self.tiers.wait(0.05)
+
+    def _sync_tiers(self) -> None:
+        """Slots whose copy is done go back to the pool; sessions the tiers dropped are forgotten."""
+        for slot in self.tiers.finished_slots():
+            self.scheduler.release(slot)
+        for sid in self.tiers.dropped():
+            self.scheduler.forget(sid)
+
+    def tier_counts(self) -> TierCounts:
+        """Sessions and KV bytes per tier (slot, host, disk) and the moves between them (loop thread)."""
+        counts = self.tiers.snapshot_counts()
+        resident = sum(1 for s in self.scheduler.sessions.values() if s.slot is not None)
+        counts.slot_sessions, counts.slot_bytes = resident, resident * self.tiers.entry_bytes
+        return counts
 
     def _postprocess(self, work: list[Scheduled], output: StepOutput) -> None:
         to_sample: list[tuple[Request, torch.Tensor]] = []
@@ -299,7 +330,7 @@ class Engine:
         if reason == "abort" and req.detok is not None:
             text += req.detok.flush()
         for sid in self.scheduler.finish(req):
-            self.runner.host.pop(sid, None)
+            self.tiers.discard(sid)
         event = TokenEvent(token, text, logprob, top or [], finish_reason=reason, error=error)
         event.prompt_tokens, event.completion_tokens = len(req.prompt), len(req.generated)
         req.stream.put(event)
@@ -308,6 +339,9 @@ class Engine:
         s = self.scheduler.sessions.get(session_id)
         if s is None:
             return None
+        where = s.location.value
+        if s.location is KVLocation.HOST:
+            where = self.tiers.where(s.id) or where
         return SessionStats(
-            s.id, s.tokens_seen, s.cache_tokens, s.evicted, s.location.value, s.slot, s.request is not None
+            s.id, s.tokens_seen, s.cache_tokens, s.evicted, where, s.slot, s.request is not None
         )

@@ -26,7 +26,7 @@ class KVShape:
 
 @dataclass
 class SlotSnapshot:
-    """A slot's KV copied to host memory (offload), restorable into any free slot."""
+    """A slot's KV copied to host memory (kv_tiers.py), restorable into any free slot."""
 
     k: torch.Tensor  # [layers, kv_heads, capacity, head_dim]
     v: torch.Tensor  # [layers, kv_heads, capacity, head_dim]
@@ -77,15 +77,6 @@ class KVPool:
         """Forget a slot's tokens; the tensors stay allocated."""
         self.pos[slot] = -1
         self.extent[slot] = 0
-
-    def snapshot(self, slot: int) -> SlotSnapshot:
-        """Copy a slot to host memory (pinned on CUDA so restores are asynchronous-capable)."""
-        pin = self.device.type == "cuda"
-        k = self.k[:, slot].to("cpu", copy=True)
-        v = self.v[:, slot].to("cpu", copy=True)
-        if pin:
-            k, v = k.pin_memory(), v.pin_memory()
-        return SlotSnapshot(k=k, v=v, pos=self.pos[slot].to("cpu", copy=True))
 
     def restore(self, slot: int, snap: SlotSnapshot) -> None:
         """Write a snapshot into a (possibly different) slot: keys do not depend on the slot index."""

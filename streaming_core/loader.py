@@ -126,13 +126,14 @@ def eos_token_ids(tokenizer: Any, hf_config: Any) -> set[int]:
     return ids
 
 
-def build_engine(config: EngineConfig, data_dir: Path | None = None) -> Engine:
-    """Load the configured model and wrap it in an engine (not started)."""
+def build_engine(config: EngineConfig, data_dir: Path | None = None, kv_dir: Path | None = None) -> Engine:
+    """Load the configured model and wrap it in an engine (not started); `kv_dir` holds the disk KV tier."""
     device, dtype = resolve_device_dtype(config.device, config.dtype)
     loaded = load_model(
         config.model, dtype=dtype, device=str(device), data_dir=data_dir, weights=config.weights
     )
-    return Engine(loaded.model, loaded.tokenizer, config, eos_token_ids(loaded.tokenizer, loaded.hf_config))
+    eos = eos_token_ids(loaded.tokenizer, loaded.hf_config)
+    return Engine(loaded.model, loaded.tokenizer, config, eos, kv_dir=kv_dir)
 
 
 def _load_hf_dir(directory: Path) -> tuple[Any, Any]:

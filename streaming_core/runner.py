@@ -6,16 +6,17 @@ import torch
 
 from .attention import StepContext
 from .batch import BatchPlan, SeqChunk, StepOutput
-from .kv_pool import KVPool, SlotSnapshot
+from .kv_pool import KVPool
+from .kv_tiers import KVTiers
 from .models import DecoderModel
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderModel, pool: KVPool) -> None:
+    def __init__(self, model: DecoderModel, pool: KVPool, tiers: KVTiers | None = None) -> None:
         self.model, self.pool = model, pool
         self.device = pool.device
-        self.host: dict[str, SlotSnapshot] = {}
-        """Offloaded sessions' KV, by session id."""
+        self.tiers = tiers if tiers is not None else KVTiers(pool)
+        """Offloaded sessions' KV: host memory, then disk, under the cache config's budgets."""
 
     @torch.inference_mode()
     def run(self, plan: BatchPlan) -> StepOutput:
@@ -42,16 +43,15 @@ class ModelRunner:
         return StepOutput(logits=logits)
 
     def _move_kv(self, plan: BatchPlan) -> None:
-        """Offloads first: their slots may be handed to other sessions in this same plan."""
+        """Offloads are copied by the tiers' worker while this step runs: their slots are not in the plan."""
         for sid, slot in plan.offload:
-            self.host[sid] = self.pool.snapshot(slot)
-            self.pool.clear(slot)
+            self.tiers.offload(sid, slot)
         for sid, slot in plan.restore:
-            self.pool.restore(slot, self.host.pop(sid))
+            self.pool.restore(slot, self.tiers.take(sid))
         for slot in plan.clear:
             self.pool.clear(slot)
         for sid in plan.drop:
-            self.host.pop(sid, None)
+            self.tiers.discard(sid)
 
     def forget(self, slot: int, entries: torch.Tensor) -> None:
         """Mark slot entries empty: their tokens no longer count as consumed."""

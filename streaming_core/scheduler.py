@@ -3,6 +3,8 @@
 Every step decodes one token for each running request that has finished its prompt and fills the rest
 of the token budget with prompt chunks. Sessions own pool slots while they hold KV; a request whose
 session has no slot waits until one is free or an idle session is offloaded (least recently used).
+An offloaded slot is copied down off the hot path (kv_tiers.py): it stays `draining`, given to no one,
+until `release` hands it back; requests waiting for slots wait for it meanwhile, the running batch does not.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .batch import BatchPlan, SeqChunk
@@ -45,7 +48,11 @@ class Scheduler:
         self.running: list[Request] = []
         self.free_slots = list(range(cache.num_slots))
         heapq.heapify(self.free_slots)
+        self.draining: set[int] = set()
+        """Slots of offloaded sessions whose copy is still running."""
         self.offloads = 0
+        self.fetch: Callable[[str], bool] = lambda session_id: True
+        """Readies an offloaded session's KV for restore in this step; False: it is gone (rebuild instead)."""
 
     # -- queues ----------------------------------------------------------------------------------
     def session(self, session_id: str, ephemeral: bool = False, sink_tokens: int | None = None) -> Session:
@@ -69,7 +76,7 @@ class Scheduler:
         self.waiting.append(request)
 
     def finish(self, request: Request) -> list[str]:
-        """Take a request out of the queues; returns session ids whose host snapshots are now unused."""
+        """Take a request out of the queues; returns session ids whose tier copies are now unused."""
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
@@ -87,6 +94,18 @@ class Scheduler:
         if s.slot is not None:
             heapq.heappush(self.free_slots, s.slot)
         return [s.id] if s.location is KVLocation.HOST else []
+
+    def release(self, slot: int) -> None:
+        """An offloaded slot's copy is done: it can be handed out again."""
+        self.draining.discard(slot)
+        heapq.heappush(self.free_slots, slot)
+
+    def forget(self, session_id: str) -> None:
+        """The tiers dropped this session's KV: forget it unless a turn has claimed it meanwhile (the server
+        rebuilds it from Redis on its next turn)."""
+        s = self.sessions.get(session_id)
+        if s is not None and s.request is None and s.location is KVLocation.HOST:
+            del self.sessions[session_id]
 
     @property
     def has_work(self) -> bool:
@@ -127,37 +146,55 @@ class Scheduler:
             r = self.waiting[0]
             s = r.session
             if s.slot is None:
-                slot = self._take_slot(offload)
-                if slot is None:
+                if not self.free_slots:
+                    self._offload_for_waiting(offload)
                     return
+                slot = heapq.heappop(self.free_slots)
                 s.slot = slot
-                if s.location is KVLocation.HOST:
+                if s.location is KVLocation.HOST and self.fetch(s.id):
                     restore.append((s.id, slot))
                 else:
+                    if s.location is KVLocation.HOST:
+                        _rebuild_in_place(r)
                     clear.append(slot)
                 s.location = KVLocation.SLOT
             self.waiting.popleft()
             self.running.append(r)
 
     def evict(self, session: Session) -> BatchPlan:
-        """Plan to move an idle resident session's KV to host memory and free its slot."""
+        """Plan to move an idle resident session's KV down the tiers; its slot drains until `release`."""
         assert session.slot is not None and session.request is None
         plan = BatchPlan((), offload=((session.id, session.slot),))
-        heapq.heappush(self.free_slots, session.slot)
-        session.slot, session.location = None, KVLocation.HOST
-        self.offloads += 1
+        self._offload(session, [])
         return plan
 
-    def _take_slot(self, offload: list[tuple[str, int]]) -> int | None:
-        if self.free_slots:
-            return heapq.heappop(self.free_slots)
+    def _offload_for_waiting(self, offload: list[tuple[str, int]]) -> None:
+        """Start offloading idle sessions, least recently used first, for the waiting sessions that need a
+        slot beyond those the draining slots will serve."""
+        need = len({r.session.id for r in self.waiting if r.session.slot is None}) - len(self.draining)
+        if need <= 0:
+            return
         idle = [s for s in self.sessions.values() if s.slot is not None and s.request is None]
-        if not idle:
-            return None
-        victim = min(idle, key=lambda s: s.last_used)
+        for victim in heapq.nsmallest(need, idle, key=lambda s: s.last_used):
+            self._offload(victim, offload)
+
+    def _offload(self, victim: Session, offload: list[tuple[str, int]]) -> None:
         slot = victim.slot
         assert slot is not None
         offload.append((victim.id, slot))
+        self.draining.add(slot)
         victim.slot, victim.location = None, KVLocation.HOST
         self.offloads += 1
-        return slot
+
+
+def _rebuild_in_place(r: Request) -> None:
+    """The session's offloaded KV is gone (dropped, unreadable): re-prefill its own sinks and tail first,
+    as a rebuild from the server's record would."""
+    s = r.session
+    sinks, tail, seen = list(s.sinks), list(s.tail), s.tokens_seen
+    r.prompt = [*sinks, *tail, *r.prompt]
+    if sinks:  # the jump to the tail's stream index happens once the sinks are in
+        r.resume = (len(sinks), seen - len(tail))
+    s.sinks.clear()
+    s.tail.clear()
+    s.tokens_seen = 0 if sinks else seen - len(tail)

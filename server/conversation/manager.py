@@ -24,8 +24,10 @@ Semantics
   template_not_incremental) in "delta".
 - usage: prompt_tokens counts the whole stream the turn represents (committed tokens plus the new ones),
   cached_tokens = prompt_tokens - the tokens actually prefilled (a rebuild prefills the sinks and the tail).
-- When the engine lacks a session Redis still has (restart, another replica), the plan carries
-  `rebuild` (sinks, tail, tokens_seen): the KV is recomputed and the counters go on.
+- When the engine lacks a session Redis still has (restart, another replica, its KV tiers dropped it), the
+  plan carries `rebuild` (sinks, tail, tokens_seen): the KV is recomputed and the counters go on. A plan
+  made while the engine held the KV still submits that state (`fallback`), so a session the tiers drop
+  between planning and submit is rebuilt too, never continued from nothing.
 - pin_system_prompt: a session whose first turn opens with a system prompt (given, or injected by the
   template) keeps the rendered head up to the first user content as sinks, so eviction never cuts it
   (needs an engine whose submit takes sink_tokens; the wish is recorded as pin_tokens either way).
@@ -160,7 +162,7 @@ class ConversationManager:
         if plan.sink_tokens is not None and self.supports_sinks:
             extra["sink_tokens"] = plan.sink_tokens
         handle = self.engine.submit(
-            plan.session_id, plan.tokens, params, loop=loop, rebuild=plan.rebuild, **extra
+            plan.session_id, plan.tokens, params, loop=loop, rebuild=plan.rebuild or plan.fallback, **extra
         )
         plan.request_id = handle.request_id
         return handle

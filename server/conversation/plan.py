@@ -57,4 +57,7 @@ class TurnPlan:
     """The delta tokenized on its own equals the full render's tokenization (see templates.Delta)."""
     request_id: str | None = None
     """Set by ConversationManager.submit."""
+    fallback: Rebuild | None = None
+    """The committed state, when the engine held the KV at planning: submitted as the rebuild, which the
+    engine ignores while it still holds the session and applies if its KV tiers dropped it meanwhile."""
     turn: TurnState | None = field(default=None, repr=False)

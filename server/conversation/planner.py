@@ -154,16 +154,15 @@ class Planner:
     ) -> TurnPlan:
         """A turn appended to a stored session, rebuilt from Redis first when the engine lacks its KV."""
         turn.pin_tokens, turn.sink_tokens = record.pin_tokens, record.sink_tokens
-        rebuild = (
-            None
-            if live or record.tokens_seen == 0
-            else Rebuild(record.sinks, record.tail, record.tokens_seen)
-        )
+        state = Rebuild(record.sinks, record.tail, record.tokens_seen) if record.tokens_seen else None
+        rebuild = None if live else state
         turn.rebuilt = rebuild is not None
         prefilled = len(tokens) + (len(record.sinks) + len(record.tail) if rebuild else 0)
         prompt = record.tokens_seen + len(tokens)
-        wide = record.sink_tokens if rebuild and record.sink_tokens != self.cache.sink_tokens else None
-        return TurnPlan(sid, tokens, prompt, prompt - prefilled, rebuild, mode, wide, clean, turn=turn)
+        wide = record.sink_tokens if state and record.sink_tokens != self.cache.sink_tokens else None
+        plan = TurnPlan(sid, tokens, prompt, prompt - prefilled, rebuild, mode, wide, clean, turn=turn)
+        plan.fallback = state if live else None
+        return plan
 
     def _pin(self, msgs: list[Message], tokens: list[int]) -> tuple[int, int]:
         """(head tokens to pin, sinks the session gets): the rendered system prompt kept as sinks."""

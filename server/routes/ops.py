@@ -29,4 +29,5 @@ async def health(serving: ServingDep, lifecycle: LifecycleDep) -> dict[str, str]
 
 @router.get("/metrics")
 async def metrics(serving: ServingDep) -> Response:
+    await serving.metrics.sample_tiers(serving.engine)
     return Response(serving.metrics.render(), media_type=CONTENT_TYPE_LATEST)

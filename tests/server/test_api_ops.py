@@ -159,3 +159,43 @@ def test_serve_command_is_registered() -> None:
 
     args = build_parser().parse_args(["serve", "--port", "0", "--host", "0.0.0.0"])
     assert args.command == "serve" and args.port == 0 and callable(args.func)
+
+
+def _tier_samples(url: str) -> dict[tuple[str, str], float]:
+    """(metric, tier or kind) -> value for the KV tier families."""
+    out = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("streamllm:kv_tier"):
+            series, value = line.rsplit(" ", 1)
+            name, labels = series.split("{", 1)
+            parts = dict(p.split("=", 1) for p in labels.rstrip("}").split(","))
+            key = parts.get("tier", parts.get("kind", "")).strip('"')
+            out[name, key] = float(value)
+    return out
+
+
+def test_kv_tier_metrics(live: LiveServer) -> None:
+    sid = f"tiers-{uuid.uuid4().hex[:8]}"
+    body = {"model": MODEL, "messages": STORY, "max_tokens": 4, "temperature": 0, "session_id": sid}
+    url = f"{live.url}/v1/chat/completions"
+    assert httpx.post(url, json=body, headers=AUTH, timeout=60).status_code == 200
+    before = _tier_samples(live.url)
+    assert before["streamllm:kv_tier_sessions", "slot"] >= 1
+    assert before["streamllm:kv_tier_bytes", "slot"] >= before["streamllm:kv_tier_sessions", "slot"] * 1e6
+    for name in ("kv_tier_demotions_total", "kv_tier_promotions_total"):
+        assert ("streamllm:" + name, "host") in before and ("streamllm:" + name, "disk") in before
+    assert ("streamllm:kv_tier_disk_errors_total", "write") in before
+    live.engine.offload(sid)
+    moved = _tier_samples(live.url)
+    assert (
+        moved["streamllm:kv_tier_demotions_total", "host"]
+        == before["streamllm:kv_tier_demotions_total", "host"] + 1
+    )
+    assert moved["streamllm:kv_tier_sessions", "host"] >= 1 and moved["streamllm:kv_tier_bytes", "host"] > 1e6
+    follow = body | {"messages": [{"role": "user", "content": "Go on."}], "session_mode": "delta"}
+    assert httpx.post(url, json=follow, headers=AUTH, timeout=60).status_code == 200
+    after = _tier_samples(live.url)
+    assert (
+        after["streamllm:kv_tier_promotions_total", "host"]
+        == moved["streamllm:kv_tier_promotions_total", "host"] + 1
+    )

@@ -231,3 +231,19 @@ async def test_a_turn_refused_before_it_consumed_anything_keeps_the_kv(manager, 
     plan = await manager.plan_chat("me", sid, [*history, user("More.")])
     assert plan.rebuild is None and plan.mode == "full"
     await manager.abandon(plan)
+
+
+async def test_a_session_dropped_between_planning_and_submit_is_rebuilt(manager, engine):
+    """The KV tiers may drop an idle session's KV after its turn was planned on it: the turn must rebuild
+    from the committed state rather than continue an empty session."""
+    sid = new_id()
+    history = await conversation(manager, sid, ["Hello! Who are you?"])
+    history.append(user("Write a poem about the sea."))
+    plan = await manager.plan_chat("me", sid, history)
+    assert plan.mode == "full" and plan.rebuild is None, "planned on the KV the engine holds"
+    assert await asyncio.to_thread(engine.close_session, sid)  # what a drop from the last tier does
+    reply = await generate(manager, plan)
+    assert reply.tokens == (await stateless(manager, history)).tokens
+    stats = await asyncio.to_thread(engine.stats, sid)
+    assert stats.tokens_seen == plan.prompt_tokens + len(reply.tokens) - 1
+    assert (await manager.get("me", sid))["turns"] == 2
