@@ -1,0 +1,186 @@
+"""After the run: each session's committed turns against its client's count, stuck sessions, and the
+invariants the soak fails on.
+
+Stuck: once every request has ended and the settle period has passed, each session that is not deleted
+gets a 1-token probe turn; one that still answers 409 session_busy for `stuck_after` seconds is stuck.
+The turn counts are read before the probes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from .clients import Attempt, Conversation, SoakClient
+from .faults import Injector
+
+
+@dataclass
+class SessionCheck:
+    id: str
+    acked: int
+    in_doubt: int
+    turns: int | None
+    """`turns` from GET /v1/sessions/{id}; 0 when it answers 404; None when it never answered."""
+    deleted: bool | None
+    lost: int = 0
+    phantom: int = 0
+    unacked_commits: int = 0
+    """Turns the client saw fail that were committed all the same (allowed: they were in doubt)."""
+    still_present: bool = False
+    """Deleted, yet GET still finds it."""
+    stuck: bool = False
+
+
+async def read_turns(client: SoakClient, conv: Conversation, deadline: float) -> int | None:
+    """The session's committed turns (0 for a 404), retrying server failures until `deadline`."""
+    while client.ctx.now() < deadline:
+        a = client._attempt(conv, "get")
+        url = client.base_url(a)
+        try:
+            if url is None:
+                raise httpx.ConnectError("no replica is up")
+            r = await client.http.get(f"{url}/v1/sessions/{conv.id}")
+            a.outcome = str(r.status_code)
+            a.end = client.ctx.now()
+            if r.status_code == 404:
+                return 0
+            if r.status_code == 200:
+                return int(r.json()["turns"])
+        except httpx.HTTPError as e:
+            a.outcome, a.end = type(e).__name__, client.ctx.now()
+        await asyncio.sleep(0.5)
+    return None
+
+
+async def probe_stuck(client: SoakClient, conv: Conversation, stuck_after: float) -> bool:
+    """True if the session answers 409 busy for `stuck_after` seconds to a client with nothing in flight."""
+    deadline = client.ctx.now() + stuck_after
+    while True:
+        a = await client.turn(conv, probe=True)
+        if a.outcome != "409":
+            return False
+        if client.ctx.now() > deadline:
+            return True
+        await asyncio.sleep(0.5)
+
+
+async def check_sessions(clients: list[SoakClient], stuck_after: float) -> list[SessionCheck]:
+    deadline = clients[0].ctx.now() + 30 if clients else 0.0
+    pairs = [(c, conv) for c in clients for conv in c.conversations if conv.acked or conv.in_doubt]
+    turns = await asyncio.gather(*(read_turns(c, conv, deadline) for c, conv in pairs))
+    checks: list[SessionCheck] = []
+    for (_, conv), t in zip(pairs, turns, strict=True):
+        check = SessionCheck(conv.id, conv.acked, conv.in_doubt, t, conv.deleted)
+        if conv.deleted:
+            check.still_present = bool(t)
+            check.lost = conv.lost_before_delete
+        elif t is not None:
+            check.lost = max(0, conv.acked - t)
+            extra = max(0, t - conv.acked)
+            check.unacked_commits = min(extra, conv.in_doubt)
+            check.phantom = extra - check.unacked_commits
+        checks.append(check)
+    live = [(c, conv, ch) for (c, conv), ch in zip(pairs, checks, strict=True) if conv.deleted is False]
+    stuck = await asyncio.gather(*(probe_stuck(c, conv, stuck_after) for c, conv, _ in live))
+    for (_, _, check), s in zip(live, stuck, strict=True):
+        check.stuck = s
+    return checks
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def rss_growth(samples: list[dict[str, Any]], warmup: float) -> dict[str, dict[str, float]]:
+    """Per server process that lived through most of the run: median RSS of the first and the last
+    quarter of its samples after the warm-up, and the growth between them (MiB)."""
+    by_pid: dict[str, list[float]] = {}
+    for s in samples:
+        if s["t"] >= warmup:
+            by_pid.setdefault(f"{s['replica']}/{s['pid']}", []).append(s["rss_mb"])
+    out: dict[str, dict[str, float]] = {}
+    for key, values in by_pid.items():
+        if len(values) < 8:
+            continue  # a restarted process's short life says nothing about a trend
+        q = len(values) // 4
+        first, last = statistics.median(values[:q]), statistics.median(values[-q:])
+        out[key] = {"first_mb": first, "last_mb": last, "growth_mb": last - first}
+    return out
+
+
+def unexpected_4xx(a: Attempt) -> bool:
+    """A refusal a well-formed soak request never deserves (a 404 is expected only from DELETE and GET)."""
+    return a.outcome in ("400", "401", "413", "422") or (
+        a.outcome == "404" and a.kind not in ("delete", "get")
+    )
+
+
+def invariants(
+    attempts: list[Attempt],
+    checks: list[SessionCheck],
+    injector: Injector,
+    rss: dict[str, dict[str, float]],
+    rss_limit_mb: float,
+) -> list[dict[str, Any]]:
+    """Each invariant: name, observed value, limit, ok."""
+    unexpected = [a for a in attempts if a.server_failure and not injector.in_outage(a.start, a.end)]
+    four = [a for a in attempts if unexpected_4xx(a)]
+    no_retry = [a for a in attempts if a.outcome == "503" and not a.retry_after]
+    rows = [
+        (
+            "unexpected server failures (5xx, error events, broken/refused connections outside outages)",
+            len(unexpected),
+            0,
+        ),
+        (
+            "lost turns (acked by the client, missing from the session's turns)",
+            sum(c.lost for c in checks),
+            0,
+        ),
+        ("phantom turns (committed though disconnected or refused)", sum(c.phantom for c in checks), 0),
+        ("stuck sessions (409 busy with no request in flight)", sum(c.stuck for c in checks), 0),
+        ("sessions unreadable after the run", sum(c.turns is None for c in checks), 0),
+        ("deleted sessions still present", sum(c.still_present for c in checks), 0),
+        ("unexpected 4xx (400/401/404/413/422 on well-formed requests)", len(four), 0),
+        ("error answers not in OpenAI's format", sum(a.bad_error_body for a in attempts), 0),
+        ("503 answers without Retry-After", len(no_retry), 0),
+        ("faults that could not be injected", len(injector.failures), 0),
+    ]
+    out = [{"invariant": n, "value": v, "limit": lim, "ok": v <= lim} for n, v, lim in rows]
+    growth = max((r["growth_mb"] for r in rss.values()), default=0.0)
+    out.append(
+        {
+            "invariant": "server RSS growth, MiB",
+            "value": round(growth, 1),
+            "limit": rss_limit_mb,
+            "ok": growth <= rss_limit_mb,
+        }
+    )
+    return out
+
+
+def summary(attempts: list[Attempt], checks: list[SessionCheck]) -> dict[str, Any]:
+    turns = [a for a in attempts if a.kind not in ("delete", "get", "probe")]
+    ttft = [a.ttft for a in turns if a.ttft is not None]
+    itl = [g for a in turns for g in a.itl]
+    return {
+        "requests": len(attempts),
+        "turns_sent": len(turns),
+        "turns_acked": sum(a.acked for a in turns),
+        "disconnects": sum(a.outcome == "disconnect" for a in turns),
+        "deletes": sum(a.kind == "delete" for a in attempts),
+        "sessions": len(checks),
+        "unacked_commits": sum(c.unacked_commits for c in checks),
+        "answers": dict(sorted(Counter(a.outcome for a in attempts).items())),
+        "ttft_s": {f"p{q}": pct(ttft, q / 100) for q in (50, 90, 99)},
+        "itl_s": {f"p{q}": pct(itl, q / 100) for q in (50, 90, 99)},
+    }
