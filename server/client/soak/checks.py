@@ -1,8 +1,8 @@
 """After the run: each session's committed turns against its client's count, stuck sessions, and the
 invariants the soak fails on.
 
-Stuck: once every request has ended and the settle period has passed, each session that is not deleted
-gets a 1-token probe turn; one that still answers 409 session_busy for `stuck_after` seconds is stuck.
+Stuck: once every request has ended and the settle period has passed, each session that still exists
+(GET answers 200) gets a 1-token probe turn; one that still answers 409 session_busy for `stuck_after` seconds is stuck.
 The turn counts are read before the probes.
 """
 
@@ -26,7 +26,9 @@ class SessionCheck:
     acked: int
     in_doubt: int
     turns: int | None
-    """`turns` from GET /v1/sessions/{id}; 0 when it answers 404; None when it never answered."""
+    """`turns` from GET /v1/sessions/{id}; None when it answered 404 or never answered."""
+    exists: bool | None
+    """GET answered 200 (True) or 404 (False); None: it never answered."""
     deleted: bool | None
     lost: int = 0
     phantom: int = 0
@@ -37,8 +39,8 @@ class SessionCheck:
     stuck: bool = False
 
 
-async def read_turns(client: SoakClient, conv: Conversation, deadline: float) -> int | None:
-    """The session's committed turns (0 for a 404), retrying server failures until `deadline`."""
+async def read_turns(client: SoakClient, conv: Conversation, deadline: float) -> tuple[bool | None, int]:
+    """(exists, committed turns) of the session, retrying server failures until `deadline`."""
     while client.ctx.now() < deadline:
         a = client._attempt(conv, "get")
         url = client.base_url(a)
@@ -49,13 +51,13 @@ async def read_turns(client: SoakClient, conv: Conversation, deadline: float) ->
             a.outcome = str(r.status_code)
             a.end = client.ctx.now()
             if r.status_code == 404:
-                return 0
+                return False, 0
             if r.status_code == 200:
-                return int(r.json()["turns"])
+                return True, int(r.json()["turns"])
         except httpx.HTTPError as e:
             a.outcome, a.end = type(e).__name__, client.ctx.now()
         await asyncio.sleep(0.5)
-    return None
+    return None, 0
 
 
 async def probe_stuck(client: SoakClient, conv: Conversation, stuck_after: float) -> bool:
@@ -75,18 +77,19 @@ async def check_sessions(clients: list[SoakClient], stuck_after: float) -> list[
     pairs = [(c, conv) for c in clients for conv in c.conversations if conv.acked or conv.in_doubt]
     turns = await asyncio.gather(*(read_turns(c, conv, deadline) for c, conv in pairs))
     checks: list[SessionCheck] = []
-    for (_, conv), t in zip(pairs, turns, strict=True):
-        check = SessionCheck(conv.id, conv.acked, conv.in_doubt, t, conv.deleted)
+    for (_, conv), (exists, t) in zip(pairs, turns, strict=True):
+        check = SessionCheck(conv.id, conv.acked, conv.in_doubt, t if exists else None, exists, conv.deleted)
         if conv.deleted:
-            check.still_present = bool(t)
+            check.still_present = bool(exists)
             check.lost = conv.lost_before_delete
-        elif t is not None:
+        elif exists is not None and not (conv.deleted is None and not exists):
+            # (a DELETE whose answer never came may have landed: then 404 is right)
             check.lost = max(0, conv.acked - t)
             extra = max(0, t - conv.acked)
             check.unacked_commits = min(extra, conv.in_doubt)
             check.phantom = extra - check.unacked_commits
         checks.append(check)
-    live = [(c, conv, ch) for (c, conv), ch in zip(pairs, checks, strict=True) if conv.deleted is False]
+    live = [(c, conv, ch) for (c, conv), ch in zip(pairs, checks, strict=True) if ch.exists]
     stuck = await asyncio.gather(*(probe_stuck(c, conv, stuck_after) for c, conv, _ in live))
     for (_, _, check), s in zip(live, stuck, strict=True):
         check.stuck = s
@@ -101,12 +104,15 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 def rss_growth(samples: list[dict[str, Any]], warmup: float) -> dict[str, dict[str, float]]:
-    """Per server process that lived through most of the run: median RSS of the first and the last
-    quarter of its samples after the warm-up, and the growth between them (MiB)."""
+    """Per server process: median RSS of the first and the last quarter of its samples once it has served
+    for `warmup` seconds (its first requests allocate the batch buffers), and the growth between (MiB).
+    Samples exist only while a process is healthy."""
+    born: dict[str, float] = {}
     by_pid: dict[str, list[float]] = {}
     for s in samples:
-        if s["t"] >= warmup:
-            by_pid.setdefault(f"{s['replica']}/{s['pid']}", []).append(s["rss_mb"])
+        key = f"{s['replica']}/{s['pid']}"
+        if s["t"] - born.setdefault(key, s["t"]) >= warmup:
+            by_pid.setdefault(key, []).append(s["rss_mb"])
     out: dict[str, dict[str, float]] = {}
     for key, values in by_pid.items():
         if len(values) < 8:
@@ -148,7 +154,7 @@ def invariants(
         ),
         ("phantom turns (committed though disconnected or refused)", sum(c.phantom for c in checks), 0),
         ("stuck sessions (409 busy with no request in flight)", sum(c.stuck for c in checks), 0),
-        ("sessions unreadable after the run", sum(c.turns is None for c in checks), 0),
+        ("sessions unreadable after the run", sum(c.exists is None for c in checks), 0),
         ("deleted sessions still present", sum(c.still_present for c in checks), 0),
         ("unexpected 4xx (400/401/404/413/422 on well-formed requests)", len(four), 0),
         ("error answers not in OpenAI's format", sum(a.bad_error_body for a in attempts), 0),

@@ -257,7 +257,7 @@ class SoakClient:
         """DELETE the session until an answer says it is gone (or the run ends: then it is unknown)."""
         maybe_applied = False
         conv.deleted = None
-        while self.ctx.now() < self.ctx.stop_at + self.ctx.settle:
+        while self.ctx.now() < self.ctx.stop_at:
             a = self._attempt(conv, "delete")
             url = self.base_url(a)
             try:
