@@ -23,6 +23,15 @@ def test_outage_covers_requests_that_overlap_it_or_its_allowance() -> None:
     assert not o.covers(0.0, 9.9) and not o.covers(19.1, 20.0)
 
 
+def test_a_request_early_in_a_freeze_must_be_answered_within_it() -> None:
+    o = Outage("redis-freeze", start=10.0, end=14.0, allowance=5.0)
+    assert o.holds(10.5, 14.2) and o.holds(12.0, 30.0)
+    assert not o.holds(10.5, 11.5)  # a quick 503
+    assert not o.holds(13.0, 15.0)  # started too late to be answered within the freeze
+    assert not o.holds(9.0, 15.0)  # started before it (already past Redis, say)
+    assert not Outage("redis-restart", 10.0, 14.0, 5.0).holds(10.5, 14.2)
+
+
 def test_schedule_spreads_faults_over_the_first_70_percent() -> None:
     plan = schedule({"redis", "kill-replica", "disconnect"}, 60.0)
     assert [kind for _, kind in plan] == ["redis-freeze", "kill-replica", "redis-restart"]
@@ -90,9 +99,9 @@ def test_soak_with_every_fault(tmp_path: Path) -> None:
     kinds = sorted(o["kind"].split(":")[0] for o in result["outages"])
     assert kinds == ["kill-replica", "redis-freeze", "redis-restart"], result["outages"]
     s = result["summary"]
-    assert s["turns_acked"] >= 40 and s["disconnects"] > 0 and s["deletes"] > 0, s  # the soak did work
-    assert inv["unexpected server failures"]["value"] == 0, inv
-    assert inv["lost turns"]["value"] == 0, inv
-    assert inv["stuck sessions"]["value"] == 0, inv
-    assert all(i["ok"] for i in result["invariants"]), result["invariants"]
-    assert code == 0
+    assert s["turns_acked"] >= 30 and s["disconnects"] > 0 and s["deletes"] > 0, s  # the soak did work
+    failed = "; ".join(f"{i['invariant']}: {i['value']}" for i in result["invariants"] if not i["ok"])
+    assert inv["unexpected server failures"]["value"] == 0, failed
+    assert inv["lost turns"]["value"] == 0, failed
+    assert inv["stuck sessions"]["value"] == 0, failed
+    assert not failed and code == 0, failed

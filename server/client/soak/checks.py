@@ -149,6 +149,7 @@ def invariants(
     unexpected = [a for a in attempts if a.server_failure and not injector.in_outage(a.start, a.end)]
     four = [a for a in attempts if unexpected_4xx(a)]
     no_retry = [a for a in attempts if a.outcome == "503" and not a.retry_after]
+    held = [a for a in attempts if any(o.holds(a.start, a.answered or a.end) for o in injector.outages)]
     rows = [
         (
             "unexpected server failures (5xx, error events, broken/refused connections outside outages)",
@@ -167,6 +168,7 @@ def invariants(
         ("unexpected 4xx (400/401/404/413/422 on well-formed requests)", len(four), 0),
         ("error answers not in OpenAI's format", sum(a.bad_error_body for a in attempts), 0),
         ("503 answers without Retry-After", len(no_retry), 0),
+        ("requests held through a Redis freeze (no answer until it ended)", len(held), 0),
         ("faults that could not be injected", len(injector.failures), 0),
     ]
     out = [{"invariant": n, "value": v, "limit": lim, "ok": v <= lim} for n, v, lim in rows]

@@ -71,6 +71,8 @@ class Attempt:
     end: float = 0.0
     outcome: str = ""
     """HTTP status, 'error-event:<code>', 'broken-stream', 'connect-error', 'timeout' or 'disconnect'."""
+    answered: float | None = None
+    """When the response headers arrived (a stream's come with its first event)."""
     acked: bool = False
     retry_after: str | None = None
     bad_error_body: bool = False
@@ -193,7 +195,7 @@ class SoakClient:
             if url is None:
                 raise httpx.ConnectError("no replica is up")
             async with self.http.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-                a.outcome = str(r.status_code)
+                a.outcome, a.answered = str(r.status_code), self.ctx.now()
                 if r.status_code != 200:
                     await self._refusal(a, r)
                 elif body["stream"]:
@@ -264,7 +266,7 @@ class SoakClient:
                 if url is None:
                     raise httpx.ConnectError("no replica is up")
                 r = await self.http.delete(f"{url}/v1/sessions/{conv.id}")
-                a.outcome = str(r.status_code)
+                a.outcome, a.answered = str(r.status_code), self.ctx.now()
                 if r.status_code != 200:
                     await self._refusal(a, r)
             except httpx.ConnectError:

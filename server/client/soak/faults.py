@@ -22,6 +22,9 @@ FAULTS = ("redis", "disconnect", "delete", "kill-replica")
 """What --faults accepts; 'disconnect' and 'delete' are client behaviours, the rest are injected here."""
 REDIS_FREEZE_S = 4.0
 REDIS_DOWN_S = 2.0
+FREEZE_MARGIN_S = 2.0
+"""A request that starts at least this long before a Redis freeze ends must be answered before it ends
+(a 503 with Retry-After, say), not held until Redis wakes up."""
 
 
 @dataclass
@@ -35,6 +38,11 @@ class Outage:
     def covers(self, start: float, end: float) -> bool:
         """A request that ran from `start` to `end` overlaps the window (its allowance included)."""
         return start <= self.end + self.allowance and end >= self.start
+
+    def holds(self, start: float, answered: float) -> bool:
+        """A request started early in a Redis freeze got its answer only after the freeze ended."""
+        early = self.start <= start <= self.end - FREEZE_MARGIN_S
+        return self.kind == "redis-freeze" and early and answered > self.end
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
