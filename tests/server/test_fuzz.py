@@ -40,7 +40,7 @@ FUZZ = settings(
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Iterator[LiveServer]:
-    """KEY_A and KEY_B accepted; a 2-layer random Llama with the default model's tokenizer (real templates)."""
+    """KEY_A and KEY_B accepted; a 2-layer random Llama with the default model's tokenizer (real template)."""
     hf = tiny_llama(seed=1, vocab_size=len(tokenizer), max_position_embeddings=2048)
     cache = CacheConfig(sink_tokens=4, window=252, num_slots=4, prefill_chunk=128)
     engine = Engine(build_model(hf, torch.float32, "cpu"), tokenizer, EngineConfig(cache=cache), {0})

@@ -83,7 +83,7 @@ def test_soak_with_every_fault(tmp_path: Path) -> None:
     """60 s of 16 conversations on two replicas with Redis freezes and restarts, a replica SIGKILLed and
     restarted, client disconnects and deletes: no unexpected 5xx, no lost turn, no stuck session."""
     out = tmp_path / "soak"
-    args = ["bench", "soak", "--duration", "60", "--streams", "16"]
+    args = ["bench", "soak", "--duration", "60", "--streams", "16", "--request-timeout", "60"]
     args += [
         "--faults",
         "redis,disconnect,delete,kill-replica",

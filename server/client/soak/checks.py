@@ -2,7 +2,8 @@
 invariants the soak fails on.
 
 Stuck: once every request has ended and the settle period has passed, each session that still exists
-(GET answers 200) gets a 1-token probe turn; one that still answers 409 session_busy for `stuck_after` seconds is stuck.
+(GET answers 200) gets a 1-token probe turn; one that answers 409 session_busy for `stuck_after`
+seconds is stuck.
 The turn counts are read before the probes.
 """
 

@@ -1,4 +1,5 @@
-"""The soak's report: rich tables, the JSON file and a PNG (RSS, answers and TTFT over time, outages shaded)."""
+"""The soak's report: rich tables, the JSON file, and a PNG of RSS, answers and TTFT over time (outages
+shaded)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def print_report(result: dict[str, Any]) -> None:
         ("ITL p50 / p90 / p99 ms", " / ".join(ms(s["itl_s"][k]) for k in ("p50", "p90", "p99"))),
         *((f"answers {k}", v) for k, v in s["answers"].items()),
     ]
-    caption = f"{result['duration_s']:.0f} s, {result['streams']} streams, faults: {','.join(result['faults']) or 'none'}"
+    faults = ",".join(result["faults"]) or "none"
+    caption = f"{result['duration_s']:.0f} s, {result['streams']} streams, faults: {faults}"
     print_table("soak", ["what", "value"], rows, caption)
     outages = [(o["kind"], o["start"], o["end"], o["allowance"]) for o in result["outages"]]
     if outages:
