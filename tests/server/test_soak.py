@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+import redis
 
 from server.cli import main
 from server.client.soak.checks import rss_growth, unexpected_4xx
 from server.client.soak.clients import Attempt, error_body_ok
+from server.client.soak.cluster import SoakRedis
 from server.client.soak.command import parse_faults
 from server.client.soak.faults import Outage, schedule
 
@@ -69,6 +71,30 @@ def test_rss_growth_sees_a_leak_not_a_warm_up_or_a_step() -> None:
     leak = samples([2000.0 + 10 * t for t in range(60)])
     assert rss_growth(leak, warmup=5)["r/1"]["growth_mb"] > 100
     assert rss_growth(samples([2000.0] * 10, pid=2), warmup=5) == {}  # too short-lived to judge
+
+
+def test_soak_redis_freezes_and_restarts_on_its_port_losing_nothing(tmp_path: Path) -> None:
+    r = SoakRedis(tmp_path)
+    url = r.start()
+    client = redis.Redis.from_url(url, socket_timeout=0.5)
+    try:
+        client.set("k", "acknowledged")
+        r.freeze()
+        with pytest.raises(redis.TimeoutError):
+            client.get("k")
+        r.thaw()
+        client = redis.Redis.from_url(url, socket_timeout=0.5)
+        assert client.get("k") == b"acknowledged"
+        old = r.pid
+        r.kill()
+        with pytest.raises(redis.ConnectionError):
+            client.ping()
+        r.restart()
+        assert r.url == url and r.pid != old
+        assert client.get("k") == b"acknowledged"  # appendfsync always: a SIGKILL loses no acked write
+    finally:
+        client.close()
+        r.stop()
 
 
 def test_base_url_refuses_server_side_faults(capsys: pytest.CaptureFixture[str]) -> None:

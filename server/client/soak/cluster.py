@@ -65,12 +65,20 @@ class SoakRedis:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
+        import redis
+
         deadline = time.monotonic() + timeout
-        assert self.embedded.port is not None
-        while not self.embedded._answers(self.embedded.port, proc.pid):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"Redis did not restart on port {self.embedded.port}")
-            time.sleep(0.05)
+        client = redis.Redis.from_url(self.url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        try:
+            while True:
+                with contextlib.suppress(redis.RedisError, OSError):
+                    if int(client.info("server")["process_id"]) == proc.pid:
+                        break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"Redis did not restart on {self.url}")
+                time.sleep(0.05)
+        finally:
+            client.close()
         self.proc, self.embedded.process, self.embedded.pid = proc, proc, proc.pid
 
     def stop(self) -> None:
