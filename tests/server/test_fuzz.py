@@ -17,16 +17,11 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streaming_core.config import CacheConfig, EngineConfig
-from streaming_core.engine import Engine
-from streaming_core.models import build_model
-
-from ..streaming_core.helpers import tiny_llama
 from .conftest_http import KEY_A, KEY_B, MODEL, LiveServer, make_settings, sse_events, validate
+from .tiny import tiny_engine
 
 SENTINEL = "fuzz-sentinel"
 EXAMPLES = int(os.environ.get("STREAMLLM_FUZZ_EXAMPLES", "60"))
@@ -40,10 +35,8 @@ FUZZ = settings(
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Iterator[LiveServer]:
-    """KEY_A and KEY_B accepted; a 2-layer random Llama with the default model's tokenizer (real template)."""
-    hf = tiny_llama(seed=1, vocab_size=len(tokenizer), max_position_embeddings=2048)
-    cache = CacheConfig(sink_tokens=4, window=252, num_slots=4, prefill_chunk=128)
-    engine = Engine(build_model(hf, torch.float32, "cpu"), tokenizer, EngineConfig(cache=cache), {0})
+    """KEY_A and KEY_B accepted; the tiny engine (real chat template)."""
+    engine = tiny_engine(tokenizer)
     limits = {"max_body_bytes": 16 * 1024, "max_tokens_cap": 16, "default_max_tokens": 4, "max_messages": 16}
     server = LiveServer(
         make_settings(Path(tmp_path_factory.mktemp("fuzz")), (KEY_A, KEY_B), **limits), engine

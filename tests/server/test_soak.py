@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -15,6 +16,9 @@ from server.client.soak.clients import Attempt, error_body_ok
 from server.client.soak.cluster import SoakRedis
 from server.client.soak.command import parse_faults
 from server.client.soak.faults import Outage, schedule
+
+from .conftest_http import LiveServer, make_settings
+from .tiny import tiny_engine
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -101,6 +105,24 @@ def test_base_url_refuses_server_side_faults(capsys: pytest.CaptureFixture[str])
     args = ["bench", "soak", "--base-url", "http://127.0.0.1:9", "--faults", "redis"]
     assert main(args) == 2
     assert "need the local servers" in capsys.readouterr().out
+
+
+def test_soak_against_a_running_server_on_a_tiny_model(tmp_path: Path, tokenizer: Any) -> None:
+    """--base-url, client-side faults only: the whole soak (clients, accounting, probes, report) end to end."""
+    live = LiveServer(make_settings(tmp_path / "server"), tiny_engine(tokenizer, num_slots=4))
+    try:
+        out = tmp_path / "soak"
+        args = ["bench", "soak", "--base-url", live.url, "--duration", "8", "--streams", "6"]
+        code = main([*args, "--faults", "disconnect,delete", "--settle", "1", "--out", str(out)])
+    finally:
+        live.stop()
+    result = json.loads(out.with_suffix(".json").read_text())
+    failed = [i for i in result["invariants"] if not i["ok"]]
+    assert code == 0 and not failed, failed
+    s = result["summary"]
+    assert s["turns_acked"] >= 12 and s["disconnects"] > 0 and s["deletes"] > 0, s
+    assert result["outages"] == [] and result["sessions"], result
+    assert {a["kind"] for a in result["attempts"]} >= {"probe", "get", "disconnect", "delete"}
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@ GROUP = "bench"
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("soak", help="long mixed multi-turn load with faults; fails on broken invariants")
     p.add_argument("--base-url", help="a running server (default: start Redis and servers locally)")
+    p.add_argument("--api-key", default="none", help="Bearer key the clients send")
     p.add_argument("--duration", type=float, default=60.0, help="seconds during which turns start")
     p.add_argument("--streams", type=int, default=32, help="concurrent conversations")
     p.add_argument("--faults", default="", help=f"comma-separated, of: {','.join(FAULTS)}")
@@ -89,13 +90,14 @@ def run(args: argparse.Namespace) -> int:
 async def soak(args: argparse.Namespace, cluster: Cluster, faults: set[str]) -> tuple[dict[str, Any], list]:
     url = cluster.url(0)
     assert url is not None
-    model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+    headers = {"Authorization": f"Bearer {args.api_key}"}
+    model = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
     ctx = RunContext(uuid.uuid4().hex[:6], args.seed, faults, time.monotonic(), args.duration, args.settle)
     injector = Injector(cluster, ctx.t0, args.recovery, args.lease, args.seed)
     limits = httpx.Limits(max_connections=4 * args.streams + 8, max_keepalive_connections=2 * args.streams)
     timeout = httpx.Timeout(args.request_timeout, connect=5.0)
     rss: list[dict[str, Any]] = []
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers) as http:
         clients = [SoakClient(i, cluster, model, ctx, http) for i in range(args.streams)]
         faulting = asyncio.create_task(injector.run(schedule(faults, args.duration)))
         background = [
