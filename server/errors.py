@@ -120,9 +120,24 @@ async def _request_validation(request: Request, exc: Exception) -> JSONResponse:
     return _json(_validation_error(exc))
 
 
+def _unparsable(cause: BaseException | None) -> str | None:
+    """Why a body FastAPI could not parse is not JSON, when json.loads failed with something other than a
+    JSONDecodeError (FastAPI turns those into a bare 'There was an error parsing the body')."""
+    if isinstance(cause, RecursionError):
+        return "it is nested too deeply"
+    if isinstance(cause, UnicodeDecodeError):
+        return "it is not UTF-8 text"
+    if isinstance(cause, ValueError):  # e.g. an integer literal past Python's digit limit
+        return str(cause)
+    return None
+
+
 async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    if exc.status_code == 413:
+    reason = _unparsable(exc.__cause__) if exc.status_code == 400 else None
+    if reason is not None:
+        err = APIError(400, f"request body is not valid JSON: {reason}", code="invalid_json")
+    elif exc.status_code == 413:
         err = APIError(413, str(exc.detail), code="body_too_large")
     elif exc.status_code == 404:
         err = APIError(404, f"no route {request.method} {request.url.path}", code="unknown_url")

@@ -1,8 +1,9 @@
-"""The `streamllm` console command.
+"""The engine's commands (`eval ppl`, `bench latency|decode|memory`) and the machinery of the CLI.
 
-Each command lives in its own module, listed in COMMANDS, which exposes `GROUP` (a key of GROUPS, or
-None for a top-level command such as `serve`) and `add_parser(subparsers)`; the parser it adds sets
-`func=run(args) -> int` with `set_defaults`. Adding a command is one line here. A module that fails to
+Each command lives in its own module, which exposes `GROUP` (a key of GROUPS, or None for a top-level
+command such as `serve`) and `add_parser(subparsers)`; the parser it adds sets `func=run(args) -> int`
+with `set_defaults`. COMMANDS lists the engine's own; the `streamllm` console command (`server/cli.py`)
+adds the server's to them, so that this package never depends on the server. A module that fails to
 import is reported on stderr and left out, so one missing dependency does not disable every command.
 """
 
@@ -27,11 +28,6 @@ COMMANDS: list[str] = [
     "streaming_core.bench.decode",
     "streaming_core.bench.session_memory",
     "streaming_core.bench.demotion",
-    "server.cli_serve",
-    "server.client.chat",
-    "server.client.bench_multiturn",
-    "server.client.bench_serve",
-    "server.client.bench_sessions",
 ]
 
 
@@ -66,7 +62,8 @@ def model_from_args(args: argparse.Namespace) -> LoadedModel:
     return load_model(args.model, dtype=dtype, device=str(device), weights=args.weights)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """A parser with the commands of `commands` (module names; default: COMMANDS, the engine's own)."""
     parser = argparse.ArgumentParser(
         prog="streamllm", description="StreamingLLM: attention sinks + sliding window KV"
     )
@@ -75,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in GROUPS.items():
         group = top.add_parser(name, help=help_text, description=help_text)
         groups[name] = group.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
-    for module_name in COMMANDS:
+    for module_name in COMMANDS if commands is None else commands:
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:  # a missing optional dependency must not take the other commands down
@@ -85,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, commands: Sequence[str] | None = None) -> int:
+    args = build_parser(commands).parse_args(argv)
     return int(args.func(args) or 0)
 
 

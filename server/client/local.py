@@ -30,7 +30,7 @@ def start_server(
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start `streamllm serve` on a free loopback port, logging to `log_path`; returns it once /health is 200."""
     port = free_port()
-    cmd = [sys.executable, "-m", "streaming_core.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     if config:
         cmd += ["--config", config]
     log = log_path(port, log_dir)

@@ -155,7 +155,7 @@ def test_settings_reject_unknown_and_invalid(tmp_path: Path) -> None:
 
 
 def test_serve_command_is_registered() -> None:
-    from streaming_core.cli import build_parser
+    from server.cli import build_parser
 
     args = build_parser().parse_args(["serve", "--port", "0", "--host", "0.0.0.0"])
     assert args.command == "serve" and args.port == 0 and callable(args.func)

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from server.cli import main
 from server.client.chat import Chat
-from streaming_core.cli import main
 
 from .conftest_http import sse_events
 from .processes import start_server

@@ -91,3 +91,14 @@ def test_broken_command_module_is_left_out(monkeypatch, capsys):
     parser = cli.build_parser()
     assert "no_such_command" in capsys.readouterr().err
     assert parser.parse_args(["bench", "latency"]).cache_sizes == "256,512,1024"
+
+
+def test_top_level_command_has_core_and_server_commands(capsys):
+    from server.cli import build_parser
+
+    parser = build_parser()
+    assert "unavailable" not in capsys.readouterr().err
+    assert parser.parse_args(["bench", "latency"]).func is not None
+    assert parser.parse_args(["serve", "--port", "0"]).command == "serve"
+    for bench in ("serve", "multiturn", "soak", "decode", "memory"):
+        assert callable(parser.parse_args(["bench", bench]).func)
