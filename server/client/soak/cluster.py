@@ -18,30 +18,37 @@ from pathlib import Path
 
 import httpx
 
-from ...redis_embedded import EmbeddedRedis, find_redis_server
+from ...redis_embedded import HOST, find_redis_server, free_port
 from ..local import start_server, stop
 
 
 class SoakRedis:
-    """A redis-server process under the soak's control."""
+    """A redis-server process under the soak's control, in the foreground (not daemonized), so that its
+    pid is the process the soak signals and a restart reuses the same config file, port and AOF."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.embedded = EmbeddedRedis(data_dir, appendfsync="always")
+        self.dir = Path(data_dir).resolve() / "soak-redis"
+        self.port = free_port()
+        self.conf = self.dir / "redis.conf"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return self.embedded.url
+        return f"redis://{HOST}:{self.port}/0"
 
     @property
     def pid(self) -> int:
-        assert self.embedded.pid is not None, "not started"
-        return self.embedded.pid
+        assert self.proc is not None, "not started"
+        return self.proc.pid
 
-    def start(self) -> str:
-        url = self.embedded.start()
-        self.proc = self.embedded.process
-        return url
+    def start(self, timeout: float = 15.0) -> str:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.conf.write_text(
+            f"bind {HOST}\nport {self.port}\ndir {self.dir}\nappendonly yes\nappendfsync always\n"
+            'save ""\ndaemonize no\n'
+        )
+        self.restart(timeout)
+        return self.url
 
     def freeze(self) -> None:
         os.kill(self.pid, signal.SIGSTOP)
@@ -56,10 +63,10 @@ class SoakRedis:
             self.proc.wait(10)
 
     def restart(self, timeout: float = 15.0) -> None:
-        """Start redis-server again with the same config file: same port, same dir, the AOF replayed."""
+        """Start redis-server with the config file: same port, same dir, the AOF replayed."""
         proc = subprocess.Popen(
-            [self.embedded.binary or find_redis_server(), str(self.embedded.conf)],
-            cwd=self.embedded.dir,
+            [find_redis_server(), str(self.conf)],
+            cwd=self.dir,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -75,16 +82,22 @@ class SoakRedis:
                     if int(client.info("server")["process_id"]) == proc.pid:
                         break
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"Redis did not restart on {self.url}")
+                    raise RuntimeError(f"Redis did not start on {self.url}")
                 time.sleep(0.05)
         finally:
             client.close()
-        self.proc, self.embedded.process, self.embedded.pid = proc, proc, proc.pid
+        self.proc = proc
 
     def stop(self) -> None:
+        if self.proc is None:
+            return
         with contextlib.suppress(ProcessLookupError):
             self.thaw()  # a frozen Redis would ignore SIGTERM until the timeout
-        self.embedded.stop()
+            self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 @dataclass
