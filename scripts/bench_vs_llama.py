@@ -73,7 +73,12 @@ def llama_server(binary: str, gguf: Path, log: Path) -> Iterator[str]:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {proc.returncode}; see {log}")
+                hint = ""
+                if proc.returncode == -4:  # SIGILL: a -march=native build using AMX the VM does not grant
+                    hint = (
+                        " (SIGILL: rebuild with -DGGML_NATIVE=OFF and the AVX512 flags, AMX off; see README)"
+                    )
+                raise RuntimeError(f"llama-server exited with {proc.returncode}{hint}; see {log}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     break
