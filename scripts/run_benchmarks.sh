@@ -20,14 +20,18 @@ if [ "${1:-all}" = all ] || [ "$1" = ppl ]; then
   done
 fi
 if [ "${1:-all}" = all ] || [ "$1" = engine ]; then
-  $s bench decode --batch-sizes 1,8,32 --tokens 64 --json --plot "$out/decode_fp32.png" | tee "$out/decode_fp32.log"
-  last "$out/decode_fp32"
-  $s bench decode --batch-sizes 1,8,32 --tokens 64 --dtype bfloat16 --json --plot "$out/decode_bf16.png" | tee "$out/decode_bf16.log"
-  last "$out/decode_bf16"
+  $s bench decode --batch-sizes 1,8,32 --tokens 64 --weights dense --json --plot "$out/decode_dense.png" | tee "$out/decode_dense.log"
+  last "$out/decode_dense"
+  $s bench decode --batch-sizes 1,8,32 --tokens 64 --json --plot "$out/decode_int8.png" | tee "$out/decode_int8.log"
+  last "$out/decode_int8"
   $s bench latency --cache-sizes 256,512,1024 --json --plot "$out/latency.png" | tee "$out/latency.log"
   last "$out/latency"
   $s bench memory --tokens 20000 --json --plot "$out/memory.png" | tee "$out/memory.log"
   last "$out/memory"
+fi
+if [ "${1:-all}" = all ] || [ "$1" = peer ]; then
+  # llama.cpp's llama-server and streamllm, one after the other, same GGUF and clients
+  .venv/bin/python scripts/bench_vs_llama.py --out "$out/vs_llama"
 fi
 if [ "${1:-all}" = all ] || [ "$1" = serve ]; then
   # 32 slots so that 32 concurrent streams all decode at once

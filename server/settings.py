@@ -65,11 +65,11 @@ class RedisLimits(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    socket_timeout_seconds: float = Field(default=1.0, gt=0)
+    socket_timeout_seconds: float = Field(default=0.5, gt=0)
     """Longest wait for one Redis reply; a frozen Redis fails a request after this (per attempt)."""
-    connect_timeout_seconds: float = Field(default=1.0, gt=0)
+    connect_timeout_seconds: float = Field(default=0.5, gt=0)
     """Longest wait to open a connection; a dead host fails a request after this (per attempt)."""
-    retries: int = Field(default=1, ge=0)
+    retries: int = Field(default=2, ge=0)
     """Retries of a command after a connection error or timeout (exponential backoff with jitter)."""
     health_check_interval_seconds: int = Field(default=5, ge=0)
     """A pooled connection idle this long is PINGed before use, so one broken by a restart is replaced."""

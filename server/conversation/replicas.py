@@ -136,7 +136,8 @@ class Replicas:
             log.warning("session %s: this replica's claim expired and was not renewed", sid)
         for sid, token in list(self._stale.items()):
             await self.redis.eval(_RELEASE, 1, self.claim_key(sid), token)
-            del self._stale[sid]
+            if self._stale.get(sid) == token:  # a claim during the await may have replaced or dropped it
+                del self._stale[sid]
         return lost
 
     async def _heartbeat(self) -> None:
@@ -148,6 +149,8 @@ class Replicas:
                 log.warning("replica %s could not renew its lease: %s", self.replica_id, e)
                 if self.on_error is not None:
                     self.on_error(e)
+            except Exception:  # a dead heartbeat would let every claim of this replica expire
+                log.exception("replica %s: lease renewal failed", self.replica_id)
 
     async def alive(self, replica_id: str) -> bool:
         if replica_id == self.replica_id:

@@ -29,13 +29,14 @@ def test_outage_covers_requests_that_overlap_it_or_its_allowance() -> None:
     assert not o.covers(0.0, 9.9) and not o.covers(19.1, 20.0)
 
 
-def test_a_request_early_in_a_freeze_must_be_answered_within_it() -> None:
-    o = Outage("redis-freeze", start=10.0, end=14.0, allowance=5.0)
-    assert o.holds(10.5, 14.2) and o.holds(12.0, 30.0)
-    assert not o.holds(10.5, 11.5)  # a quick 503
-    assert not o.holds(13.0, 15.0)  # started too late to be answered within the freeze
-    assert not o.holds(9.0, 15.0)  # started before it (already past Redis, say)
-    assert not Outage("redis-restart", 10.0, 14.0, 5.0).holds(10.5, 14.2)
+def test_a_request_in_a_freeze_must_be_answered_within_the_bound() -> None:
+    o = Outage("redis-freeze", start=10.0, end=18.0, allowance=5.0)
+    assert o.holds(10.5, 14.6) and o.holds(12.0, 30.0)
+    assert not o.holds(10.5, 12.2)  # a quick 503
+    assert not o.holds(11.0, 14.9)  # within the bound
+    assert not o.holds(15.0, 19.5)  # started too late to be answered within the freeze
+    assert not o.holds(9.0, 19.0)  # started before it (already past Redis, say)
+    assert not Outage("redis-restart", 10.0, 18.0, 5.0).holds(10.5, 16.0)
 
 
 def test_schedule_spreads_faults_over_the_first_70_percent() -> None:
