@@ -166,3 +166,4 @@ def test_soak_with_every_fault(tmp_path: Path) -> None:
     assert waits and max(waits) <= (freeze["end"] - freeze["start"]) + freeze["allowance"], waits
     rest = [i for i in result["invariants"] if not i["ok"] and not i["invariant"].startswith("requests held")]
     assert not rest, failed
+    assert code == (1 if failed else 0), (code, failed)  # the CLI's exit status tells an invariant failed
