@@ -56,14 +56,17 @@ def plot(result: dict[str, Any], attempts: list[Attempt], path: Path) -> None:
     for ax in (rss_ax, ans_ax, ttft_ax):
         for o in result["outages"]:
             ax.axvspan(o["start"], o["end"] + o["allowance"], color="tab:red", alpha=0.12, lw=0)
-    series: dict[str, tuple[list[float], list[float]]] = {}
+    series: dict[tuple[str, int], tuple[list[float], list[float]]] = {}
     for sample in result["rss"]:
-        xs, ys = series.setdefault(f"{sample['replica']} pid {sample['pid']}", ([], []))
+        xs, ys = series.setdefault((sample["replica"], sample["pid"]), ([], []))
         xs.append(sample["t"])
         ys.append(sample["rss_mb"])
-    for label, (xs, ys) in series.items():
-        rss_ax.plot(xs, ys, label=label)
-    rss_ax.set(xlabel="s", ylabel="MiB", title="server RSS")
+    colors: dict[str, str] = {}  # one colour and one legend entry per replica, whatever its restarts
+    for (replica, _), (xs, ys) in series.items():
+        first = replica not in colors
+        colors.setdefault(replica, f"C{len(colors)}")
+        rss_ax.plot(xs, ys, color=colors[replica], label=replica if first else None)
+    rss_ax.set(xlabel="s", ylabel="MiB", title="server RSS (a new line per restart)")
     if series:
         rss_ax.legend(fontsize="small")
     groups = {
