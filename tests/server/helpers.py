@@ -3,13 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from server.conversation.manager import ConversationManager, TurnPlan
+from server.redis_embedded import EmbeddedRedis
 from streaming_core.sampler import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16)
+
+
+@contextlib.contextmanager
+def freezable_redis(data_dir: Any, **options: Any) -> Iterator[EmbeddedRedis]:
+    """A started embedded Redis that a test may SIGSTOP: it is thawed before being stopped."""
+    server = EmbeddedRedis(data_dir, **options)
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.pid:
+            os.kill(server.pid, signal.SIGCONT)
+        server.stop()
 
 
 @dataclass

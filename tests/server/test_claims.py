@@ -16,15 +16,13 @@ from server.redis_client import UNAVAILABLE, connect
 from server.redis_embedded import EmbeddedRedis
 from server.settings import RedisLimits
 
+from .helpers import freezable_redis
+
 
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(tmp_path)
-    server.start()
-    yield server
-    if server.pid:
-        os.kill(server.pid, signal.SIGCONT)
-    server.stop()
+    with freezable_redis(tmp_path) as server:
+        yield server
 
 
 @pytest.fixture

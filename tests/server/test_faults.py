@@ -21,6 +21,7 @@ from server.settings import ServerLimits, Settings
 from streaming_core.loader import LoadedModel
 
 from .conftest_http import MODEL, LiveServer, make_engine
+from .helpers import freezable_redis
 
 pytestmark = pytest.mark.slow
 BOUND_S = 6.0
@@ -29,12 +30,8 @@ BOUND_S = 6.0
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(tmp_path / "redis-data", port=free_port(), appendfsync="always")
-    server.start()
-    yield server
-    if server.pid:
-        os.kill(server.pid, signal.SIGCONT)
-    server.stop()
+    with freezable_redis(tmp_path / "redis-data", port=free_port(), appendfsync="always") as server:
+        yield server
 
 
 @pytest.fixture
