@@ -58,18 +58,15 @@ def _dense_nt(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
     return lambda x: F.linear(x, w, b)
 
 
-def _int8(act: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor | None], Kernel]:
-    def build(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
-        q8 = quantize_int8(w)
-        q, s = q8.q.to(w.device), q8.scales.to(device=w.device, dtype=act)
+def _int8_bf16act(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
+    q8 = quantize_int8(w)
+    q, s = q8.q.to(w.device), q8.scales.to(device=w.device, dtype=torch.bfloat16)
 
-        def run(x: torch.Tensor) -> torch.Tensor:
-            y = torch._weight_int8pack_mm(x.to(act), q, s).to(x.dtype)  # [N, out]
-            return y if b is None else y + b
+    def run(x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int8pack_mm(x.to(torch.bfloat16), q, s).to(x.dtype)  # [N, out]
+        return y if b is None else y + b
 
-        return run
-
-    return build
+    return run
 
 
 def _int8_codes_bf16(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
@@ -121,7 +118,7 @@ def candidates(
         )
     if mode == "int8":
         return {
-            "int8-bf16act": _int8(torch.bfloat16),
+            "int8-bf16act": _int8_bf16act,
             "int8-codes-bf16": _int8_codes_bf16,
             "int8-dequant-f32": _dequantized(quantize_int8),
         }
@@ -135,11 +132,10 @@ def candidates(
 class Linear:
     """One weight, callable on x [N, in] -> [N, out] with the kernel chosen for N's bucket."""
 
-    def __init__(self, kernels: dict[str, Kernel], choice: list[str], out_features: int) -> None:
-        self.kernels = kernels
+    def __init__(self, kernels: dict[str, Kernel], choice: list[str]) -> None:
         self.choice = choice
+        """Kernel name per ROW_BUCKETS entry."""
         self._by_bucket = [kernels[name] for name in choice]
-        self.out_features = out_features
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._by_bucket[bucket_index(x.shape[0])](x)
@@ -281,7 +277,7 @@ def prepare_linears(
         choice += [choice[-1]] * (len(ROW_BUCKETS) - len(choice))
         for i, s in enumerate(group):
             kernels = {name: built[name][i] for name in set(choice)}
-            s.set(s.name, Linear(kernels, choice, weights[i][0].shape[0]))
+            s.set(s.name, Linear(kernels, choice))
             if s.bias_name:
                 s.set(s.bias_name, None)
         del built  # the losing layouts go now

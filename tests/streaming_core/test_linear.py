@@ -100,27 +100,24 @@ def _snap_to_q4_1(hf_model) -> None:
                 g.copy_(torch.round((g - lo) / d) * d + lo)
 
 
-def test_int8_model_stays_close_to_dense():
-    """Weight-only int8 moves the logits by a small fraction of their spread and keeps the argmax."""
-    dense = build_model(tiny_llama(), torch.float32, "cpu")
-    quant = build_model(tiny_llama(), torch.float32, "cpu")
-    quant.prepare("int8")
+def _assert_close_to_dense(hf, mode: str) -> None:
+    dense = build_model(hf, torch.float32, "cpu")
+    quant = build_model(hf, torch.float32, "cpu")
+    quant.prepare(mode)
     tokens = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     want, got = drive(dense, tokens), drive(quant, tokens)  # [T, V]
     err = (got - want).abs().mean() / want.std()
     assert err < 0.05, f"mean error {err:.3f} of the logits' std"
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.85  # a random tiny model has near-ties
+
+
+def test_int8_model_stays_close_to_dense():
+    """Weight-only int8 moves the logits by a small fraction of their spread and keeps the argmax."""
+    _assert_close_to_dense(tiny_llama(), "int8")
 
 
 def test_int4_model_of_q4_1_weights_stays_close_to_dense():
     """On Q4_1-grid weights (the GGUF's), int4 differs from dense only by the bf16 offset and activations."""
     hf = tiny_llama()
     _snap_to_q4_1(hf)
-    dense = build_model(hf, torch.float32, "cpu")
-    quant = build_model(hf, torch.float32, "cpu")
-    quant.prepare("int4")
-    tokens = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(3)).tolist()
-    want, got = drive(dense, tokens), drive(quant, tokens)  # [T, V]
-    err = (got - want).abs().mean() / want.std()
-    assert err < 0.05, f"mean error {err:.3f} of the logits' std"
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.85  # a random tiny model has near-ties
+    _assert_close_to_dense(hf, "int4")
