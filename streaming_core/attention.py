@@ -133,13 +133,13 @@ class StepContext:
             self.rope = _Rope(cw, sw, cs, ss)
 
     # -- metadata -------------------------------------------------------------------------------
-    def _heads_bias(self, dist: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Additive bias [..., kvh|1, g|1, Q, K] from distances and validity [..., Q, K]."""
+    def _heads_bias(self, dist: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
+        """Additive bias [..., kvh|1, g|1, Q, K] from validity [..., Q, K] and, for ALiBi, distances."""
         mask = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
         mask = mask.masked_fill(~valid, NEG_INF)[..., None, None, :, :]
         if self.spec.kind != "alibi":
             return mask
-        assert self.spec.alibi_slopes is not None
+        assert self.spec.alibi_slopes is not None and dist is not None
         slopes = self.spec.alibi_slopes.to(valid.device).view(self.kvh, -1)  # [kvh, g]
         return mask - slopes[:, :, None, None] * dist[..., None, None, :, :].to(torch.float32)
 
@@ -159,12 +159,11 @@ class StepContext:
         valid = pos >= 0
         p = valid.sum(-1) - 1  # [B]
         p_parts.append(p)
+        dist = None  # only ALiBi reads distances; RoPE's bias is the mask alone
         if self.spec.kind == "alibi":
             idx = torch.arange(length, device=dev)
-            dist = torch.where(idx < S[:, None], p[:, None] - idx, t[:, None] - pos)
-            bias = self._heads_bias(dist[:, None, :], valid[:, None, :])[:, :, :, 0]  # [B, kvh, g, length]
-        else:  # RoPE: only the mask
-            bias = torch.zeros(valid.shape, device=dev).masked_fill_(~valid, NEG_INF)[:, None, None, :]
+            dist = torch.where(idx < S[:, None], p[:, None] - idx, t[:, None] - pos)[:, None, :]
+        bias = self._heads_bias(dist, valid[:, None, :])[:, :, :, 0]  # [B, kvh|1, g|1, length]
         view = slice(first, first + len(chunks)) if contiguous else None
         smax = min(max(sinks), length)
         cols = None
