@@ -102,7 +102,7 @@ class Lifecycle:
                 # The server gives up on a commit no sooner than every attempt has waited its socket
                 # timeout (a dead Redis cannot land a command late): a deadline of one timeout refused
                 # commits that a busy event loop merely sent late (the soak saw them as claim losses).
-                commit_timeout=settings.redis.socket_timeout_seconds * (settings.redis.retries + 1),
+                commit_timeout=settings.redis.command_deadline_seconds,
             )
             metrics = Metrics(name)
             self._replicas.on_move = lambda kind: metrics.moves.labels(name, kind).inc()

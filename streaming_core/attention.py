@@ -81,6 +81,7 @@ class _Decode:
     )  # [B, 1, 1, sink_max] which leading entries are sinks, None if all rows agree
     slots: torch.Tensor  # [B]
     entries: torch.Tensor  # [B] ring entry each new token is written to
+    targets: torch.Tensor  # [B*kvh] where each (token, kv head) goes in a layer's pool viewed as [-1, hd]
     view: slice | None  # slots as a contiguous range: attend over a view, no gather
     length: int  # entries read per slot: the filled prefix's bucket
     bias: torch.Tensor  # [B, kvh|1, g|1, length] additive mask (+ ALiBi)
@@ -153,6 +154,8 @@ class StepContext:
         slots, S = torch.tensor([slot_ids, sinks], dtype=torch.long).to(dev)  # [B] each
         entries = ring_index(t, S, self.cap - S)
         pool.write_positions(slots, entries, t)
+        heads = torch.arange(self.kvh, device=dev)
+        targets = ((slots[:, None] * self.kvh + heads) * self.cap + entries[:, None]).view(-1)  # [B*kvh]
         first = slot_ids[0]
         contiguous = slot_ids == list(range(first, first + len(slot_ids)))
         pos = pool.pos[slots, :length]  # [B, length] after the write
@@ -169,7 +172,7 @@ class StepContext:
         cols = None
         if min(sinks) != max(sinks):
             cols = (torch.arange(smax, device=dev) < S[:, None])[:, None, None, :]  # [B, 1, 1, smax]
-        return _Decode(len(chunks), smax, cols, slots, entries, view, length, bias)
+        return _Decode(len(chunks), smax, cols, slots, entries, targets, view, length, bias)
 
     def _build_prefill(
         self, c: SeqChunk, row0: int, t: torch.Tensor, p_parts: list[torch.Tensor]
@@ -239,16 +242,17 @@ class StepContext:
         d, pool = self.decode, self.pool
         assert d is not None
         S, L = d.sink_max, d.length
-        pool.k[layer][d.slots, :, d.entries] = _as(
-            k, pool.kv_dtype
-        )  # [B, kvh, hd] into [slots, kvh, cap, hd]
-        pool.v[layer][d.slots, :, d.entries] = _as(v, pool.kv_dtype)
+        # [B, kvh, hd] into [slots, kvh, cap, hd]: index_copy_ over the flattened rows, not an advanced-index
+        # assignment, whose index_put_ took milliseconds from 16 rows up when another process wanted a core
+        hd = k.shape[-1]
+        pool.k[layer].view(-1, hd).index_copy_(0, d.targets, _as(k, pool.kv_dtype).reshape(-1, hd))
+        pool.v[layer].view(-1, hd).index_copy_(0, d.targets, _as(v, pool.kv_dtype).reshape(-1, hd))
         if d.view is not None:
             K, V = pool.k[layer, d.view, :, :L], pool.v[layer, d.view, :, :L]  # [B, kvh, L, hd] views
         else:
             K, V = pool.k[layer][d.slots, :, :L], pool.v[layer][d.slots, :, :L]  # [B, kvh, L, hd] gathers
         K, V = _as(K, q_w.dtype), _as(V, q_w.dtype)  # casts only when the KV is stored narrower
-        B, H, hd = q_w.shape
+        B, H = q_w.shape[:2]
         qw = q_w.view(B, self.kvh, H // self.kvh, hd)  # [B, kvh, g, hd]
         scores = torch.matmul(qw, K.transpose(-1, -2))  # [B, kvh, g, L]
         if S > 0 and self.rope is not None:

@@ -38,6 +38,7 @@ LOGIT_BUCKETS = ROW_BUCKETS[:7]
 """The LM head sees only rows that are sampled or scored: tuning it at prefill sizes would cost seconds."""
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
+"""x [N, in] -> [N, out] in whatever dtype the kernel computes in (bf16 for the quantized ones)."""
 
 
 def bucket_index(rows: int) -> int:
@@ -63,7 +64,7 @@ def _int8_bf16act(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
     q, s = q8.q.to(w.device), q8.scales.to(device=w.device, dtype=torch.bfloat16)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int8pack_mm(x.to(torch.bfloat16), q, s).to(x.dtype)  # [N, out]
+        y = torch._weight_int8pack_mm(x.to(torch.bfloat16), q, s)  # [N, out] bf16 (Linear casts)
         return y if b is None else y + b
 
     return run
@@ -78,7 +79,7 @@ def _int8_codes_bf16(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
     s = q8.scales.to(device=w.device, dtype=torch.bfloat16)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        y = (torch.mm(x.to(torch.bfloat16), qt) * s).to(x.dtype)  # [N, out]
+        y = torch.mm(x.to(torch.bfloat16), qt) * s  # [N, out] bf16 (Linear casts)
         return y if b is None else y + b
 
     return run
@@ -89,8 +90,7 @@ def _int4_kernel(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
 
     def run(x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), q4.packed, 32, q4.scale_zero)
-        y = y.to(x.dtype)  # [N, out]
-        return y if b is None else y + b
+        return y if b is None else y + b  # [N, out] bf16 (Linear casts)
 
     return run
 
@@ -138,7 +138,13 @@ class Linear:
         self._by_bucket = [kernels[name] for name in choice]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self._by_bucket[bucket_index(x.shape[0])](x)
+        y = self._by_bucket[bucket_index(x.shape[0])](x)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """residual + self(x), the kernel's output taken as it comes: the add promotes a bf16 product to
+        the residual's dtype exactly as a cast would, without the cast's own call."""
+        return residual + self._by_bucket[bucket_index(x.shape[0])](x)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | Linear, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,6 +152,13 @@ def linear(x: torch.Tensor, w: torch.Tensor | Linear, b: torch.Tensor | None = N
     if isinstance(w, Linear):
         return w(x)
     return F.linear(x, w, b)
+
+
+def linear_add(residual: torch.Tensor, x: torch.Tensor, w: torch.Tensor | Linear) -> torch.Tensor:
+    """residual + linear(x, w): a residual branch's output projection."""
+    if isinstance(w, Linear):
+        return w.add_to(residual, x)
+    return residual + F.linear(x, w)
 
 
 # -- tuning ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..attention import PositionalSpec, StepContext
 from ..kv_pool import KVShape
-from ..linear import Linear, linear
+from ..linear import Linear, linear, linear_add
 from .base import DecoderModel, param, rms_norm
 
 
@@ -79,9 +79,9 @@ class LlamaModel(DecoderModel):
         attn = ctx.attend(
             i, q.view(N, self.H, self.hd), k.view(N, self.kvh, self.hd), v.view(N, self.kvh, self.hd)
         )
-        x = x + linear(attn.reshape(N, -1), w.w_o)
+        x = linear_add(x, attn.reshape(N, -1), w.w_o)
         gate, up = linear(rms_norm(x, w.ln2, self.eps), w.w_gate_up).chunk(2, dim=-1)  # [N, F] each
-        return x + linear(F.silu(gate) * up, w.w_down)
+        return linear_add(x, F.silu(gate) * up, w.w_down)
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.norm, self.eps)
