@@ -5,6 +5,7 @@ import { ApiError, call, currentKey, keyRemembered, session, setKey, streamChat 
 const $ = (id) => document.getElementById(id);
 const LOCAL = "streamllm.sessions", CURRENT = "streamllm.current", PREFS = "streamllm.prefs";
 const KEEP_MESSAGES = 400; // a transcript kept in this browser: its first message and the most recent ones
+const FOLD_CHARS = 1500; // a longer message (a pasted book) shows its start, the rest on demand
 // A regenerate or edit resends history (the server rebuilds the session from it): at most this much.
 const RESEND_MESSAGES = 64, RESEND_CHARS = 200_000;
 
@@ -17,12 +18,18 @@ let model = null, busy = null, editing = false;
 function save() {
   localStorage.setItem(CURRENT, current);
   localStorage.setItem(PREFS, JSON.stringify(prefs));
-  try {
-    localStorage.setItem(LOCAL, JSON.stringify(local));
-  } catch {
-    // Over the browser's quota: keep every name but only the current session's transcript.
-    for (const [id, s] of Object.entries(local)) if (id !== current) s.messages = s.messages.slice(0, 1);
-    localStorage.setItem(LOCAL, JSON.stringify(local));
+  // Over the browser's quota: keep every name, then only the current transcript, then only its ends.
+  const shrink = [
+    () => Object.entries(local).forEach(([id, s]) => id !== current && (s.messages = s.messages.slice(0, 1))),
+    () => trim(conv(), 3),
+  ];
+  for (let i = 0; ; i++) {
+    try {
+      return localStorage.setItem(LOCAL, JSON.stringify(local));
+    } catch (e) {
+      if (i === shrink.length) return console.warn("transcripts not saved:", e);
+      shrink[i]();
+    }
   }
 }
 
@@ -74,12 +81,20 @@ function renderText(el, text) {
 function bubble(role, text, note) {
   const el = node("div", `msg ${role}`);
   el.append(node("div", "text"));
-  renderText(el.firstChild, text);
+  if (role === "user" && text.length > FOLD_CHARS) {
+    renderText(el.firstChild, text.slice(0, FOLD_CHARS / 3));
+    const more = node("details");
+    more.append(node("summary", "", `… ${num(text.length - FOLD_CHARS / 3)} more characters`));
+    more.ontoggle = () => more.childElementCount === 1 && more.append(text.slice(FOLD_CHARS / 3));
+    el.append(more);
+  } else renderText(el.firstChild, text);
   if (note) el.append(node("span", "note", note));
   $("log").append(el);
-  el.scrollIntoView({ block: "end" });
+  scrollDown();
   return el;
 }
+
+const scrollDown = () => ($("log").scrollTop = $("log").scrollHeight);
 
 function renderLog(messages = conv().messages) {
   $("log").replaceChildren();
@@ -120,7 +135,7 @@ function renderCache() {
   $("session-name").textContent = c.name || current;
   fillBar($("cache-bar"), s);
   const set = (id, text) => ($(id).textContent = text);
-  set("stat-sinks", s ? `${s.sink_tokens} (${Math.min(s.pinned_tokens, s.sink_tokens)} system prompt)` : "–");
+  set("stat-sinks", s ? `${s.sink_tokens} (${Math.min(s.pinned_tokens, s.sink_tokens)} pinned system prompt)` : "–");
   set("stat-window", s ? `${num(Math.max(0, s.cache_tokens - s.sink_tokens))} / ${num(s.window)}` : "–");
   set("stat-evicted", s ? num(s.evicted) : "–");
   set("stat-seen", s ? num(s.tokens_seen) : "–");
@@ -234,7 +249,7 @@ async function turn(history, text, { rebuild = false } = {}) {
     const onText = (t) => {
       content += t;
       renderText(reply.firstChild, content);
-      reply.scrollIntoView({ block: "end" });
+      scrollDown();
     };
     const out = await withRetry(() => streamChat(body, onText, busy.signal), note);
     s.messages = [...full, { role: "assistant", content }];
@@ -252,6 +267,7 @@ async function turn(history, text, { rebuild = false } = {}) {
     busy = null;
     save();
     await refresh();
+    scrollDown();
     const last = info[id] && info[id].last_turn;
     if (ok && rebuild && last && last.mode === "rebuilt") {
       note(`the server rebuilt the session from this page's history (cached ${last.cached_tokens} tokens)`);
@@ -272,8 +288,8 @@ async function withRetry(request, note) {
   }
 }
 
-function trim(s) {
-  const extra = s.messages.length - KEEP_MESSAGES;
+function trim(s, keep = KEEP_MESSAGES) {
+  const extra = s.messages.length - keep;
   if (extra <= 0) return;
   s.messages.splice(1, extra);
   s.dropped += extra;

@@ -4,7 +4,6 @@ package itself, same origin only, shadowing no API route; every file of server/w
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Iterator
 from fnmatch import fnmatch
 from pathlib import Path
@@ -17,6 +16,7 @@ from .conftest_http import KEY_A, LiveServer, make_settings
 from .tiny import tiny_engine
 
 ROOT = Path(__file__).resolve().parents[2]
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,8 @@ def test_page_is_static_same_origin_and_shadows_nothing(live: LiveServer) -> Non
 
 
 def test_package_data_ships_every_web_file() -> None:
-    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["server"]
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "server"
+    ]
     files = [p.relative_to(ROOT / "server").as_posix() for p in (ROOT / "server" / "web").iterdir()]
     assert files and all(any(fnmatch(f, g) for g in globs) for f in files), (files, globs)
