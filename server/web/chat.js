@@ -40,9 +40,10 @@ function newId() {
 
 const conv = () => local[current];
 const committed = () => (info[current] && info[current].turns) || 0;
-const localTurns = (s) => s.messages.filter((m) => m.role === "assistant").length + Math.floor(s.dropped / 2);
-// Regenerate and edit resend this page's copy of the history: only when it has every committed turn.
-const inSync = () => localTurns(conv()) === committed();
+// Messages of the session this page has no copy of (the server's `messages` counts every committed one).
+const missing = () => ((info[current] && info[current].messages) || 0) - conv().messages.length - conv().dropped;
+// Regenerate and edit resend this page's copy of the history: only when it is the whole history.
+const inSync = () => missing() === 0;
 
 function openSession(id) {
   current = id;
@@ -101,8 +102,7 @@ function renderLog(messages = conv().messages) {
   const s = conv();
   const shown = messages.filter((m) => m.role !== "system");
   if (s.dropped) bubble("note", `${s.dropped} earlier messages are no longer kept in this browser.`);
-  const missing = committed() - localTurns(s);
-  if (missing > 0) bubble("note", `${missing} turns of this session were made elsewhere: the server holds them.`);
+  if (missing() > 0) bubble("note", `${missing()} messages of this session were sent elsewhere: the server holds them.`);
   for (const m of shown) bubble(m.role, m.content);
 }
 
@@ -252,7 +252,9 @@ async function turn(history, text, { rebuild = false } = {}) {
       scrollDown();
     };
     const out = await withRetry(() => streamChat(body, onText, busy.signal), note);
-    s.messages = [...full, { role: "assistant", content }];
+    // What the session holds now: the page's history plus this turn, or exactly what was resent.
+    if (!delta) s.dropped = 0;
+    s.messages = [...(delta ? full : body.messages), { role: "assistant", content }];
     trim(s);
     s.ttft = out.ttft;
     const completion = out.usage ? out.usage.completion_tokens : 0;

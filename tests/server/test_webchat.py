@@ -163,6 +163,18 @@ def test_chat_page_end_to_end(page: Any, live: LiveServer) -> None:
     )
     page.wait_for_selector("text=rebuilt the session from this page's history")
 
+    # Edit last: the message comes back to the box; the edited history diverges, and the session is rebuilt.
+    rebuilds = info["rebuilds"]
+    page.click("#edit")
+    assert page.input_value("#prompt") == "Just say hi."
+    page.fill("#prompt", "Just say bye.")
+    page.press("#prompt", "Enter")
+    wait_turns(page, 6)
+    info = server_session(live, sid)
+    assert info is not None and info["last_turn"]["mode"] == "rebuilt" and info["rebuilds"] == rebuilds + 1
+    assert page.locator(".msg.user").last.inner_text() == "Just say bye."
+    assert page.locator(".msg.user", has_text="Just say hi.").count() == 0
+
     # Rename (kept in the browser), then delete: the server forgets the session, the page starts a new one.
     page.once("dialog", lambda d: d.accept("colors"))
     page.click(f"li[data-id='{sid}'] .rename")
