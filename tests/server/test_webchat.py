@@ -191,3 +191,21 @@ def test_chat_page_end_to_end(page: Any, live: LiveServer) -> None:
     assert all(u.startswith(live.url) for u in page.urls), [
         u for u in page.urls if not u.startswith(live.url)
     ]
+
+
+def test_markdownish_rendering(page: Any, live: LiveServer) -> None:
+    """Code fences and inline code become elements; the model's text never becomes markup."""
+    page.goto(live.url)
+    html = page.evaluate(
+        """async (text) => {
+            const { renderText } = await import("/web/render.js");
+            const el = document.createElement("div");
+            renderText(el, text);
+            return el.innerHTML;
+        }""",
+        "Use `x` here:\n```py\nprint('<b>')\n```\nand <i>this</i>.",
+    )
+    assert html == (
+        "Use <code>x</code> here:\n<pre><code data-lang=\"py\">print('&lt;b&gt;')\n</code></pre>"
+        "\nand &lt;i&gt;this&lt;/i&gt;."
+    )
