@@ -16,7 +16,7 @@ from .body_limit import BodyLimit
 from .deps import get_owner
 from .errors import install_error_handlers
 from .lifecycle import Lifecycle
-from .routes import chat, completions, models, ops, sessions
+from .routes import chat, completions, models, ops, sessions, web
 from .settings import Settings
 
 
@@ -49,4 +49,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         api.include_router(module.router)
     app.include_router(api)
     app.include_router(ops.router)
+    app.include_router(web.router)
+    app.mount("/web", web.static_files(), name="web")
     return app

@@ -221,6 +221,8 @@ class Planner:
             turn.sink_tokens = len(state.sinks)
         kept = _trimmed(state, settled.trim, turn.sink_tokens)
         record = self._record(plan.session_id, turn, kept)
+        record.last_mode, record.last_prompt_tokens = plan.mode, plan.prompt_tokens
+        record.last_cached_tokens = plan.cached_tokens
         if turn.kind == "chat":
             record.context, record.reply = bounded_context(turn.messages), reply
             record.kv_back, record.kv_ahead = settled.end.back, settled.end.ahead

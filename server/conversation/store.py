@@ -83,6 +83,11 @@ class SessionRecord:
     window: int = 0
     pin_tokens: int = 0
     """Tokens of the rendered system-prompt head that pinning asked to keep (0: nothing to pin)."""
+    last_mode: str = ""
+    """How the last turn was planned: 'new', 'full', 'delta' or 'rebuilt' (TurnPlan.mode)."""
+    last_prompt_tokens: int = 0
+    last_cached_tokens: int = 0
+    """The last turn's usage.prompt_tokens and its prompt_tokens_details.cached_tokens."""
     chain_len: int = 0
     chain_first: str = ""
     chain_last: str = ""
@@ -112,6 +117,11 @@ class SessionRecord:
             "sink_tokens": self.sink_tokens,
             "pinned_tokens": self.pin_tokens,
             "window": self.window,
+            "last_turn": {
+                "mode": self.last_mode,
+                "prompt_tokens": self.last_prompt_tokens,
+                "cached_tokens": self.last_cached_tokens,
+            },
             "rebuilds": self.rebuilds,
             "created_at": int(self.created_at),
             "updated_at": int(self.updated_at),

@@ -126,6 +126,12 @@ def test_session_echo_and_cached_tokens(client: openai.OpenAI, live: LiveServer)
     usage = chunks[-1]["usage"]
     assert usage["prompt_tokens_details"]["cached_tokens"] > first.usage.prompt_tokens // 2
     assert usage["prompt_tokens"] > first.usage.prompt_tokens
+    info = httpx.get(f"{live.url}/v1/sessions/{s}", headers={"Authorization": f"Bearer {KEY_A}"}).json()
+    assert info["turns"] == 2 and info["last_turn"] == {
+        "mode": "full",
+        "prompt_tokens": usage["prompt_tokens"],
+        "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
+    }
 
 
 def test_stop_string_and_length(client: openai.OpenAI) -> None:
