@@ -245,12 +245,13 @@ class StepContext:
         # [B, kvh, hd] into [slots, kvh, cap, hd]: index_copy_ over the flattened rows, not an advanced-index
         # assignment, whose index_put_ took milliseconds from 16 rows up when another process wanted a core
         hd = k.shape[-1]
-        pool.k[layer].view(-1, hd).index_copy_(0, d.targets, _as(k, pool.kv_dtype).reshape(-1, hd))
-        pool.v[layer].view(-1, hd).index_copy_(0, d.targets, _as(v, pool.kv_dtype).reshape(-1, hd))
+        pool.layer_k_rows[layer].index_copy_(0, d.targets, _as(k, pool.kv_dtype).reshape(-1, hd))
+        pool.layer_v_rows[layer].index_copy_(0, d.targets, _as(v, pool.kv_dtype).reshape(-1, hd))
+        pk, pv = pool.layer_k[layer], pool.layer_v[layer]  # [slots, kvh, cap, hd]
         if d.view is not None:
-            K, V = pool.k[layer, d.view, :, :L], pool.v[layer, d.view, :, :L]  # [B, kvh, L, hd] views
+            K, V = pk[d.view, :, :L], pv[d.view, :, :L]  # [B, kvh, L, hd] views
         else:
-            K, V = pool.k[layer][d.slots, :, :L], pool.v[layer][d.slots, :, :L]  # [B, kvh, L, hd] gathers
+            K, V = pk[d.slots, :, :L], pv[d.slots, :, :L]  # [B, kvh, L, hd] gathers
         K, V = _as(K, q_w.dtype), _as(V, q_w.dtype)  # casts only when the KV is stored narrower
         B, H = q_w.shape[:2]
         qw = q_w.view(B, self.kvh, H // self.kvh, hd)  # [B, kvh, g, hd]

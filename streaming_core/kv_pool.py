@@ -58,6 +58,11 @@ class KVPool:
         dims = (shape.layers, cache.num_slots, shape.kv_heads, cache.capacity, shape.head_dim)
         self.k = torch.zeros(dims, dtype=self.kv_dtype, device=device)  # [L, slots, kvh, cap, hd]
         self.v = torch.zeros(dims, dtype=self.kv_dtype, device=device)  # [L, slots, kvh, cap, hd]
+        self.layer_k, self.layer_v = list(self.k.unbind(0)), list(self.v.unbind(0))
+        """Per layer, views [slots, kvh, cap, hd] made once: a decode step indexes them 4x per layer."""
+        self.layer_k_rows = [k.view(-1, shape.head_dim) for k in self.layer_k]
+        self.layer_v_rows = [v.view(-1, shape.head_dim) for v in self.layer_v]
+        """Per layer, the same memory as rows [slots * kvh * cap, hd] (where decode writes its new keys)."""
         self.pos = torch.full((cache.num_slots, cache.capacity), -1, dtype=torch.long, device=device)
         self.extent = [0] * cache.num_slots
         """Per slot, on the host: entries [0, extent) may be filled, the rest are empty. A slot fills from

@@ -141,6 +141,11 @@ class Linear:
         y = self._by_bucket[bucket_index(x.shape[0])](x)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
+    def native(self, x: torch.Tensor) -> torch.Tensor:
+        """self(x) in the kernel's own dtype (bf16 for the quantized kernels): for a product that only feeds
+        elementwise work and the next quantized kernel, which would cast it back to bf16 anyway."""
+        return self._by_bucket[bucket_index(x.shape[0])](x)
+
     def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """residual + self(x), the kernel's output taken as it comes: the add promotes a bf16 product to
         the residual's dtype exactly as a cast would, without the cast's own call."""
@@ -152,6 +157,13 @@ def linear(x: torch.Tensor, w: torch.Tensor | Linear, b: torch.Tensor | None = N
     if isinstance(w, Linear):
         return w(x)
     return F.linear(x, w, b)
+
+
+def linear_native(x: torch.Tensor, w: torch.Tensor | Linear) -> torch.Tensor:
+    """linear(x, w) in the kernel's own dtype (see Linear.native)."""
+    if isinstance(w, Linear):
+        return w.native(x)
+    return F.linear(x, w)
 
 
 def linear_add(residual: torch.Tensor, x: torch.Tensor, w: torch.Tensor | Linear) -> torch.Tensor:

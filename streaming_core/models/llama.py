@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..attention import PositionalSpec, StepContext
 from ..kv_pool import KVShape
-from ..linear import Linear, linear, linear_add
+from ..linear import Linear, linear, linear_add, linear_native
 from .base import DecoderModel, param, rms_norm
 
 
@@ -80,7 +80,8 @@ class LlamaModel(DecoderModel):
             i, q.view(N, self.H, self.hd), k.view(N, self.kvh, self.hd), v.view(N, self.kvh, self.hd)
         )
         x = linear_add(x, attn.reshape(N, -1), w.w_o)
-        gate, up = linear(rms_norm(x, w.ln2, self.eps), w.w_gate_up).chunk(2, dim=-1)  # [N, F] each
+        # gate|up stays in its kernel's dtype through SiLU into the down projection (bf16 when quantized)
+        gate, up = linear_native(rms_norm(x, w.ln2, self.eps), w.w_gate_up).chunk(2, dim=-1)  # [N, F] each
         return linear_add(x, F.silu(gate) * up, w.w_down)
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
