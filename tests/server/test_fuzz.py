@@ -325,8 +325,11 @@ def test_bodies_json_cannot_parse_are_invalid_json(live, raw) -> None:
         assert r.json()["error"]["message"].startswith("request body is not valid JSON: ")
 
 
-def test_the_sentinel_is_untouched(live, sentinel) -> None:
-    """KEY_B's sessions are what they were (each fuzz example above also checks the record)."""
+def test_the_sentinel_is_untouched(live, sentinel, foreign) -> None:
+    """KEY_B's sessions are what they were (each fuzz example above also checks the record): the
+    sentinel and the session of its conversation."""
     assert session_record(live) == sentinel
+    assert foreign_state(live, foreign) == foreign["state"]
     r = request(live, "GET", "/v1/sessions", auth=KEY_B)
-    assert [s["id"] for s in r.json()["data"]] == [SENTINEL]
+    ids = sorted(s["id"] for s in r.json()["data"])
+    assert ids[1:] == [SENTINEL] and ids[0].startswith(f"{foreign['@conversation']}:"), ids
