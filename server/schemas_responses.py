@@ -87,6 +87,12 @@ def parse_items(value: Any, what: str) -> list[Item]:
     return items
 
 
+def _item_list(value: Any) -> list[Item]:
+    if not isinstance(value, list):
+        raise ValueError("items must be a list of message items")
+    return parse_items(value, "items")
+
+
 def _metadata(value: Any) -> Any:
     if value is None:
         return None
@@ -195,7 +201,7 @@ class CreateConversationRequest(BaseModel):
     @field_validator("items", mode="before")
     @classmethod
     def _items(cls, value: Any) -> Any:
-        return None if value is None else parse_items(value if isinstance(value, list) else None, "items")
+        return None if value is None else _item_list(value)
 
     @field_validator("metadata", mode="before")
     @classmethod
@@ -228,7 +234,7 @@ class AddItemsRequest(BaseModel):
     @field_validator("items", mode="before")
     @classmethod
     def _items(cls, value: Any) -> Any:
-        return parse_items(value if isinstance(value, list) else None, "items")
+        return _item_list(value)
 
 
 def item_page(items: list[Item], limit: int, order: str, after: str | None) -> dict[str, Any]:

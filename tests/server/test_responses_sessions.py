@@ -1,5 +1,6 @@
 """Responses on the session machinery, on tiny random models: a chain survives a restart (rebuilt from
-Redis, the same session continued), and a client that leaves a stream cancels the turn, storing nothing."""
+Redis, the same session continued), a client that leaves a stream cancels the turn, storing nothing, and a
+response that cannot be stored ends its stream with an error event and response.failed."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 from server.settings import ServerLimits, Settings
 
-from .conftest_http import KEY_A, MODEL, LiveServer
+from .conftest_http import KEY_A, MODEL, LiveServer, validate
 from .tiny import tiny_engine
 
 GREEDY: dict[str, Any] = {"model": MODEL, "temperature": 0, "max_output_tokens": 6}
@@ -92,5 +93,36 @@ def test_leaving_a_stream_cancels_the_turn_and_stores_nothing(
         assert again.usage is not None and again.usage.input_tokens > head.usage.input_tokens  # type: ignore[union-attr]
         mine = [s for s in sessions(live) if s["id"] not in before]
         assert [(s["turns"], s["rebuilds"]) for s in mine] == [(2, 1)], mine
+    finally:
+        live.stop()
+
+
+def test_a_response_whose_conversation_goes_away_fails_in_the_stream(
+    tmp_path: Path, redis_url: str, tokenizer: Any
+) -> None:
+    """The conversation is deleted while its response streams: the turn cannot be stored, so the stream
+    ends with an error event and response.failed (both as the spec has them), and nothing is left."""
+    live = serve(tmp_path, redis_url, tokenizer)
+    try:
+        client = sdk(live)
+        conv = client.conversations.create()
+        body = {**GREEDY, "input": "Count.", "conversation": conv.id, "stream": True}
+        body |= {"max_output_tokens": 400, "ignore_eos": True}
+        headers = {"Authorization": f"Bearer {KEY_A}"}
+        with httpx.stream("POST", f"{live.url}/v1/responses", json=body, headers=headers, timeout=60) as s:
+            lines = s.iter_lines()
+            next(line for line in lines if "response.output_text.delta" in line)
+            client.conversations.delete(conv.id)
+            events = [json.loads(line[5:]) for line in lines if line.startswith("data:")]
+        for event in events:
+            validate("ResponseStreamEvent", event)
+        error, failed = events[-2:]
+        assert error["type"] == "error" and error["code"] == "conversation_conflict", error
+        assert failed["type"] == "response.failed" and failed["response"]["status"] == "failed"
+        assert failed["response"]["error"]["code"] == "server_error"
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(failed["response"]["id"])
+        with pytest.raises(openai.NotFoundError):
+            client.conversations.retrieve(conv.id)
     finally:
         live.stop()
