@@ -16,7 +16,7 @@ from .body_limit import BodyLimit
 from .deps import get_owner
 from .errors import install_error_handlers
 from .lifecycle import Lifecycle
-from .routes import chat, completions, models, ops, sessions, web
+from .routes import chat, completions, conversations, models, ops, responses, sessions, web
 from .settings import Settings
 
 
@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.lifecycle = lifecycle
     install_error_handlers(app)
     api = APIRouter(prefix="/v1", dependencies=[Depends(get_owner)])
-    for module in (chat, completions, models, sessions):
+    for module in (chat, completions, models, sessions, responses, conversations):
         api.include_router(module.router)
     app.include_router(api)
     app.include_router(ops.router)

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from .conversation.store import ANONYMOUS, owner_id
+from .conversation.threads import ThreadStore
 from .errors import APIError
 from .lifecycle import Lifecycle
 from .serving import Serving
@@ -64,3 +65,13 @@ def session_id(
 
 
 SessionHeader = Annotated[str | None, Header(alias="X-Session-ID")]
+
+
+def get_threads(serving: ServingDep) -> ThreadStore:
+    """Threads of the Responses and Conversations APIs, next to the session records (same Redis, TTL)."""
+    store = serving.manager.store
+    cap = serving.settings.server.conversation_max_items
+    return ThreadStore(store.redis, ttl_seconds=store.ttl_seconds, max_items=cap, prefix=store.prefix)
+
+
+ThreadsDep = Annotated[ThreadStore, Depends(get_threads)]

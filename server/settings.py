@@ -49,6 +49,9 @@ class ServerLimits(BaseModel):
     """Full-match syntax of client-chosen session ids."""
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     """On shutdown, seconds in-flight requests get to finish before they end with an error."""
+    conversation_max_items: int = Field(default=1000, ge=2)
+    """Items a conversation or response chain keeps in Redis, and responses it keeps retrievable; past it
+    the oldest are dropped (the KV session, bounded by sinks + window, is not affected)."""
     replica_lease_seconds: float = Field(default=15.0, gt=0.1)
     """Lifetime of this replica's lease and session claims in Redis, renewed every third of it: a dead
     replica's sessions are free for another within this time."""

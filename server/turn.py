@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import Request
 
@@ -46,6 +46,9 @@ class Turn:
         self.final: TokenEvent | None = None
         self.shutdown = self.client_gone = False
         self.store_error: APIError | None = None
+        self.on_commit: Callable[[Turn], Awaitable[None]] | None = None
+        """Runs once the turn is committed, before the client sees its end (the Responses API stores its
+        objects there); what it raises fails the turn as a failed commit does."""
         self._settled = self._cancelled = False
         self._started = self._last = time.monotonic()
 
@@ -201,6 +204,8 @@ class Turn:
         try:
             if reason in ("stop", "length"):
                 await self.serving.manager.commit(self.plan, self.text, reason)
+                if self.on_commit is not None:
+                    await self.on_commit(self)
             else:
                 await self.serving.manager.abandon(self.plan)
         finally:

@@ -234,16 +234,81 @@ def test_generation_routes(live, sentinel, path, chat, completion, raw, auth, co
 @given(
     method=st.sampled_from(["GET", "GET", "GET", "DELETE", "DELETE", "POST", "PATCH"]),
     route=st.sampled_from(
-        ["/v1/sessions", "/v1/sessions/{}", "/v1/models", "/v1/models/{}", "/health", "/v1/{}"]
+        [
+            *("/v1/sessions", "/v1/sessions/{}", "/v1/models", "/v1/models/{}", "/health", "/v1/{}"),
+            *("/v1/responses/{}", "/v1/responses/{}/input_items", "/v1/responses/{}/cancel"),
+            *("/v1/conversations", "/v1/conversations/{}", "/v1/conversations/{}/items"),
+            "/v1/conversations/{}/items/{}",
+        ]
     ),
-    sid=session_ids,
+    sid=session_ids | st.sampled_from(["@conversation", "@response", "@item"]),
     auth=auths,
     body=st.none() | json_values.map(json_bytes),
 )
-def test_resource_routes(live, sentinel, method, route, sid, auth, body) -> None:
-    path = route.format(quote(sid, safe="")) if "{}" in route else route
+def test_resource_routes(live, sentinel, foreign, method, route, sid, auth, body) -> None:
+    sid = foreign.get(sid, sid)
+    path = route.format(*[quote(sid, safe="")] * route.count("{}"))
     check(request(live, method, path, body, auth))
     assert session_record(live) == sentinel
+    assert foreign_state(live, foreign) == foreign["state"]
+
+
+response_ids = session_ids | st.sampled_from(["@conversation", "@response", "resp_", "conv_"])
+response_input = text | st.lists(message | odd_message | content_part | json_values, min_size=1, max_size=3)
+response_bodies = near_valid(
+    {"input": response_input},
+    {
+        "model": st.just(MODEL),
+        "instructions": text,
+        "max_output_tokens": st.integers(1, 6),
+        "store": st.booleans(),
+        "previous_response_id": response_ids,
+        "conversation": response_ids | st.fixed_dictionaries({"id": response_ids}),
+        "metadata": st.dictionaries(text, text, max_size=3),
+        "truncation": st.sampled_from(["auto", "disabled"]),
+        "tools": st.just([]),
+        "tool_choice": st.sampled_from(["auto", "none"]),
+    },
+)
+
+
+@pytest.fixture(scope="module")
+def foreign(live: LiveServer) -> dict[str, Any]:
+    """A conversation of KEY_B with one response: the fuzzer (KEY_A) names their ids too."""
+    conv = request(live, "POST", "/v1/conversations", {"items": [{"role": "user", "content": "Hi."}]}, KEY_B)
+    assert conv.status_code == 200, conv.text
+    body = {"model": MODEL, "input": "Hello?", "conversation": conv.json()["id"], "max_output_tokens": 3}
+    response = request(live, "POST", "/v1/responses", body, KEY_B)
+    assert response.status_code == 200, response.text
+    out = {"@conversation": conv.json()["id"], "@response": response.json()["id"]}
+    out["@item"] = response.json()["output"][0]["id"]
+    out["state"] = foreign_state(live, out)
+    return out
+
+
+def foreign_state(live: LiveServer, foreign: dict[str, Any]) -> tuple[Any, ...]:
+    conv, response = foreign["@conversation"], foreign["@response"]
+    items = request(live, "GET", f"/v1/conversations/{conv}/items", auth=KEY_B)
+    got = request(live, "GET", f"/v1/responses/{response}", auth=KEY_B)
+    assert items.status_code == got.status_code == 200, (items.text, got.text)
+    return items.json(), got.json()
+
+
+@FUZZ
+@given(body=response_bodies, raw=st.none() | st.none() | json_values.map(json_bytes), auth=auths)
+def test_responses_route(live, foreign, body, raw, auth) -> None:
+    for name in ("previous_response_id", "conversation"):
+        if isinstance(body.get(name), str):
+            body[name] = foreign.get(body[name], body[name])
+    r = request(live, "POST", "/v1/responses", raw if raw is not None else body, auth)
+    if not r.headers.get("content-type", "").startswith("text/event-stream"):
+        check(r)
+    else:  # the Responses API's own stream: no [DONE], a final response.* event
+        events = [json.loads(line[5:]) for line in r.text.splitlines() if line.startswith("data:")]
+        for event in events:
+            validate("ResponseStreamEvent", event)
+        assert events[-1]["type"] in ("response.completed", "response.incomplete"), events[-1]
+    assert foreign_state(live, foreign) == foreign["state"]
 
 
 @pytest.mark.parametrize(
@@ -260,8 +325,11 @@ def test_bodies_json_cannot_parse_are_invalid_json(live, raw) -> None:
         assert r.json()["error"]["message"].startswith("request body is not valid JSON: ")
 
 
-def test_the_sentinel_is_untouched(live, sentinel) -> None:
-    """KEY_B's sessions are what they were (each fuzz example above also checks the record)."""
+def test_the_sentinel_is_untouched(live, sentinel, foreign) -> None:
+    """KEY_B's sessions are what they were (each fuzz example above also checks the record): the
+    sentinel and the session of its conversation."""
     assert session_record(live) == sentinel
+    assert foreign_state(live, foreign) == foreign["state"]
     r = request(live, "GET", "/v1/sessions", auth=KEY_B)
-    assert [s["id"] for s in r.json()["data"]] == [SENTINEL]
+    ids = sorted(s["id"] for s in r.json()["data"])
+    assert ids[1:] == [SENTINEL] and ids[0].startswith(f"{foreign['@conversation']}:"), ids
