@@ -62,7 +62,7 @@ def make_records(n: int, seed: int = 0) -> list[Record]:
         raise ValueError(f"at most {len(ADJECTIVES) * len(NOUNS) ** 2} lines, got {n}")
     rng = random.Random(seed)
     names: set[str] = set()
-    records = []
+    records: list[Record] = []
     while len(records) < n:
         name = f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}-{rng.choice(NOUNS)}"
         if name not in names:
