@@ -165,14 +165,14 @@ def test_chat_deltas_add_up_to_the_rendered_conversation():
 def test_eval_streameval_command(tiny, tmp_path, capsys):
     _, _, directory = tiny
     plot = tmp_path / "streameval.png"
-    args = ["eval", "streameval", "--modes", "sink,window,dense,recompute", "--lines", "80"]
-    args += ["--sinks", "4", "--window", "124", "--recompute-lines", "40", "--group", "2", "--no-progress"]
+    args = ["eval", "streameval", "--modes", "sink,window,dense,recompute", "--lines", "50"]
+    args += ["--sinks", "4", "--window", "124", "--recompute-lines", "30", "--group", "2", "--no-progress"]
     assert main([*args, "--model", str(directory), "--json", "--plot", str(plot)]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert list(out) == ["sink", "window", "dense", "recompute"]
     for mode, s in out.items():
         assert 0.0 <= s["accuracy"] <= 1.0 and s["curve"], mode
-    assert out["sink"]["queries"] == 7 and out["recompute"]["queries"] == 3
+    assert out["sink"]["queries"] == 4 and out["recompute"]["queries"] == 2
     assert out["sink"]["tokens"] > 128  # the stream outgrew the cache
     assert Path(plot).read_bytes()[:8] == PNG_MAGIC
     with pytest.raises(ValueError, match="unknown mode"):
