@@ -59,7 +59,7 @@ if [ "${1:-all}" = all ] || [ "$1" = quality ]; then
     --plot "$out/ppl_long.png" | tee "$out/ppl_long.log"
   last "$out/ppl_long"
   $s eval ppl --text "$books/pride_and_prejudice.txt" --modes window --sinks 4 --window 1020 --max-tokens 20000 \
-    --chunk 256 --bucket 2000 --json --plot "$out/ppl_window_20k.png" | tee "$out/ppl_window_20k.log"
+    --chunk 256 --bucket 10000 --json --plot "$out/ppl_window_20k.png" | tee "$out/ppl_window_20k.log"
   last "$out/ppl_window_20k"
   $s eval streameval --modes sink,window,dense,recompute --lines 500 --lag 1 --every 10 --recompute-lines 150 \
     --sinks 4 --window 1020 --group 5 --json --plot "$out/streameval_lag1.png" | tee "$out/streameval_lag1.log"
