@@ -250,4 +250,5 @@ def plot_endless(result: dict[str, Any], span: int) -> Any:
     bx.set(xlabel="turn", ylabel="server RSS (MB)", title="Server memory")
     cx.bar(mids, [r["degenerate"] * 100 for r in result["spans"]], width=span * 0.8)
     cx.set(xlabel="turn", ylabel="% of replies", title=f"Degenerate replies per {span} turns")
+    cx.set_ylim(0, max(5.0, *(r["degenerate"] * 110 for r in result["spans"])))
     return fig

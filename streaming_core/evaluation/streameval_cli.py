@@ -7,7 +7,7 @@ Modes, all at the cache size `sinks + window` except dense (see ppl.py for the s
 - recompute: each query re-prefills the last `sinks + window` tokens from scratch (`--recompute-lines`
   bounds its stream: it costs a full prefill per query).
 With `--base-url` the stream goes instead as one session through a running server's HTTP API, under
-whatever cache the server has (mode `server`).
+whatever cache the server has (mode `http`).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def backends(args: argparse.Namespace, modes: list[str], params: SamplingParams)
 
     if args.base_url:
         return {
-            "server": HttpStream(
+            "http": HttpStream(
                 args.base_url, args.api_key, params, args.format, f"streameval-{uuid.uuid4().hex[:8]}"
             )
         }

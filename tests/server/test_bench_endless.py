@@ -101,7 +101,7 @@ def test_streameval_through_the_api_is_one_session(
 ) -> None:
     args = ["eval", "streameval", "--base-url", live.url, "--lines", "60", "--format", fmt, "--no-progress"]
     assert main([*args, "--json"]) == 0
-    out = last_json(capsys)["server"]
+    out = last_json(capsys)["http"]
     assert out["queries"] == 5 and 0.0 <= out["accuracy"] <= 1.0
     sessions = httpx.get(f"{live.url}/v1/sessions").json()["data"]
     mine = [s for s in sessions if s["id"].startswith("streameval-") and s["tokens_seen"] == out["tokens"]]
