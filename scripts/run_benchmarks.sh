@@ -50,3 +50,21 @@ if [ "${1:-all}" = all ] || [ "$1" = multiturn ]; then
   $s bench multiturn --turns 30 --json --plot "$out/multiturn.png" | tee "$out/multiturn.log"
   last "$out/multiturn"
 fi
+if [ "${1:-all}" = all ] || [ "$1" = quality ]; then
+  # one thread per process: on 2 shared cores two torch threads wait on each other at every small op
+  export OMP_NUM_THREADS=1
+  # perplexity per 10K tokens over the three books as one stream (drop --max-tokens for all ~544K)
+  $s eval ppl --text "$books/pride_and_prejudice.txt" "$books/frankenstein.txt" "$books/kalevala.txt" \
+    --modes sink --sinks 4 --window 1020 --max-tokens 100000 --chunk 256 --bucket 10000 --json \
+    --plot "$out/ppl_long.png" | tee "$out/ppl_long.log"
+  last "$out/ppl_long"
+  $s eval ppl --text "$books/pride_and_prejudice.txt" --modes window --sinks 4 --window 1020 --max-tokens 20000 \
+    --chunk 256 --bucket 10000 --json --plot "$out/ppl_window_20k.png" | tee "$out/ppl_window_20k.log"
+  last "$out/ppl_window_20k"
+  $s eval streameval --modes sink,window,dense,recompute --lines 500 --lag 1 --every 10 --recompute-lines 150 \
+    --sinks 4 --window 1020 --group 5 --json --plot "$out/streameval_lag1.png" | tee "$out/streameval_lag1.log"
+  last "$out/streameval_lag1"
+  $s bench endless --turns 160 --words 70 --max-tokens 12 --span 40 --json --plot "$out/endless.png" \
+    | tee "$out/endless.log"
+  last "$out/endless"
+fi

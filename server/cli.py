@@ -15,6 +15,7 @@ SERVER_COMMANDS: list[str] = [
     "server.cli_serve",
     "server.client.chat",
     "server.client.bench_multiturn",
+    "server.client.bench_endless",
     "server.client.bench_serve",
     "server.client.bench_sessions",
     "server.client.soak.command",

@@ -19,11 +19,12 @@ if TYPE_CHECKING:
     from .loader import LoadedModel
 
 GROUPS: dict[str, str] = {
-    "eval": "model quality evaluations (streaming perplexity)",
+    "eval": "model quality evaluations (streaming perplexity, StreamEval)",
     "bench": "benchmarks (latency, memory, throughput)",
 }
 COMMANDS: list[str] = [
     "streaming_core.evaluation.ppl",
+    "streaming_core.evaluation.streameval_cli",
     "streaming_core.bench.latency",
     "streaming_core.bench.decode",
     "streaming_core.bench.session_memory",

@@ -21,7 +21,9 @@ from streaming_core.report import new_figure, print_json, print_table, save_figu
 from .local import local_server
 
 GROUP = "bench"
-BOOK = Path(__file__).resolve().parents[3] / "shared" / "data" / "books" / "pride_and_prejudice.txt"
+BOOKS = Path(__file__).resolve().parents[3] / "shared" / "data" / "books"
+BOOK = BOOKS / "pride_and_prejudice.txt"
+QUESTIONS = ("In one sentence, who is mentioned here?",)
 
 
 def add_parser(sub: Any) -> None:
@@ -36,15 +38,20 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def user_messages(turns: int, words: int) -> list[str]:
-    """Passages of a public-domain book, each followed by a question about it."""
-    text = BOOK.read_text(encoding="utf-8").split() if BOOK.exists() else ["streaming"] * (turns * words)
-    start = 1000
-    return [
-        " ".join(text[start + i * words : start + (i + 1) * words])
-        + "\nIn one sentence, who is mentioned here?"
-        for i in range(turns)
-    ]
+def user_messages(
+    turns: int, words: int, books: tuple[Path, ...] = (BOOK,), questions: tuple[str, ...] = QUESTIONS
+) -> list[str]:
+    """Consecutive passages of public-domain books (read as one text, from the start again at its end),
+    each followed by a question about it, the questions in turn."""
+    text = [w for book in books if book.exists() for w in book.read_text(encoding="utf-8").split()]
+    text = text or ["streaming"] * words
+    start = 1000 % len(text)
+    passages = []
+    for i in range(turns):
+        first = start + i * words
+        passage = " ".join(text[j % len(text)] for j in range(first, first + words))
+        passages.append(f"{passage}\n{questions[i % len(questions)]}")
+    return passages
 
 
 def converse(

@@ -59,14 +59,34 @@ def local_server(
     base_url: str | None, config: str | None = None, env: dict[str, str] | None = None, timeout: float = 180.0
 ) -> Iterator[str]:
     """Yield `base_url` as is, or start a server on a free port, wait for /health, and stop it afterwards."""
+    with local_server_proc(base_url, config, env, timeout) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def local_server_proc(
+    base_url: str | None, config: str | None = None, env: dict[str, str] | None = None, timeout: float = 180.0
+) -> Iterator[tuple[str, subprocess.Popen[bytes] | None]]:
+    """As local_server, with the server's process (None for `base_url`)."""
     if base_url:
-        yield base_url.rstrip("/")
+        yield base_url.rstrip("/"), None
         return
     proc, url = start_server(None, config, env, timeout)
     try:
-        yield url
+        yield url, proc
     finally:
         stop(proc)
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident set size of a process now (Linux /proc), None when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:

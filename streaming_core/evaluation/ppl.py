@@ -14,14 +14,20 @@ ending at the chunk's last token and scores the whole chunk, so a scored token s
 `sinks + window - chunk + 1` and `sinks + window` tokens: an approximation, cheaper by ~`chunk` times.
 `recompute_chunk` sets that chunk apart, so that the other modes can stay token by token while the
 baseline (a full prefill per scored token otherwise) is approximated.
+
+Long streams (the paper's 400K-token and 4M-token runs): several `--text` files are read as one stream,
+`--chunk 256` scores it at prefill speed, and `--bucket 10000` reports the perplexity of every 10K-token
+bucket, which stays flat for StreamingLLM however long the stream grows.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +40,7 @@ from ..kv_pool import KVPool
 from ..models import DecoderModel
 from ..report import new_figure, print_json, print_table, save_figure, write_csv
 from ..runner import ModelRunner
+from .buckets import bucket_ppl, plot_buckets, print_bucket_table
 
 MODES = ("dense", "window", "sink", "recompute")
 
@@ -44,6 +51,8 @@ class PplResult:
 
     mode: str
     nll: torch.Tensor  # [T] float64
+    seconds: float = 0.0
+    """Wall time of the scoring."""
 
     @property
     def tokens(self) -> int:
@@ -56,6 +65,11 @@ class PplResult:
     @property
     def ppl(self) -> float:
         return float(torch.exp(self.nll.mean()))
+
+    def summary(self) -> dict[str, Any]:
+        rate = self.tokens / self.seconds if self.seconds > 0 else float("nan")
+        return {"ppl": self.ppl, "nll": self.mean_nll, "tokens": self.tokens, "seconds": self.seconds,
+                "tokens_per_s": rate}  # fmt: skip
 
 
 def mode_cache(mode: str, sinks: int, window: int, n_tokens: int, max_context: int | None) -> CacheConfig:
@@ -144,6 +158,7 @@ def evaluate(
     results: dict[str, PplResult] = {}
     for mode, cache in caches.items():
         runner = ModelRunner(model, KVPool(cache, model.kv_shape, dtype, device))
+        start = time.perf_counter()
         with tqdm(
             total=len(tokens) - 1, desc=f"{mode:>9}", unit="tok", disable=not progress, leave=True
         ) as bar:
@@ -151,7 +166,7 @@ def evaluate(
                 nll = recompute_nll(runner, tokens, recompute_chunk, bar.update)
             else:
                 nll = streaming_nll(runner, tokens, chunk, bar.update)
-        results[mode] = PplResult(mode, nll)
+        results[mode] = PplResult(mode, nll, time.perf_counter() - start)
     return results
 
 
@@ -172,7 +187,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from ..cli import add_model_args
 
     p = subparsers.add_parser("ppl", help="streaming perplexity: dense vs window vs sink vs recompute")
-    p.add_argument("--text", required=True, type=Path, help="a UTF-8 text file (e.g. a book)")
+    p.add_argument(
+        "--text",
+        required=True,
+        type=Path,
+        nargs="+",
+        help="UTF-8 text files (e.g. books), read as one stream",
+    )
     p.add_argument("--modes", default="dense,window,sink", help=f"comma-separated, from {','.join(MODES)}")
     p.add_argument(
         "--sinks",
@@ -182,6 +203,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--window", type=int, default=252, help="sliding-window tokens")
     p.add_argument("--max-tokens", type=int, default=2000, help="tokens of the text to evaluate")
+    p.add_argument("--bucket", type=int, help="also report the perplexity of every BUCKET scored tokens")
     p.add_argument(
         "--chunk", type=int, default=1, help="tokens scored per forward (see module doc; 1 = token by token)"
     )
@@ -189,10 +211,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--recompute-chunk", type=int, help="tokens scored per recompute forward (default: --chunk)"
     )
     p.add_argument(
-        "--json", action="store_true", help="print one final JSON line: mode -> {ppl, nll, tokens}"
+        "--json",
+        action="store_true",
+        help="print one final JSON line: mode -> {ppl, nll, tokens, seconds, tokens_per_s[, buckets]}",
     )
     p.add_argument("--csv", type=Path, help="write per-token NLL, one column per mode")
-    p.add_argument("--plot", type=Path, help="write a PNG of log-perplexity against position")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        help="write a PNG of log-perplexity (or, with --bucket, bucket PPL) against position",
+    )
     p.add_argument("--no-progress", action="store_true")
     add_model_args(p)
     p.set_defaults(func=run)
@@ -203,16 +231,24 @@ def run(args: argparse.Namespace) -> int:
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     loaded = model_from_args(args)
-    tokens = encode_prefix(loaded.tokenizer, args.text.read_text(encoding="utf-8"), args.max_tokens)
+    text = "\n\n".join(path.read_text(encoding="utf-8") for path in args.text)
+    tokens = encode_prefix(loaded.tokenizer, text, args.max_tokens)
     rchunk = args.recompute_chunk or args.chunk
     results = evaluate(
         loaded.model, tokens, modes, args.sinks, args.window, args.chunk, not args.no_progress, rchunk
     )
-    title = f"{loaded.name}: {args.text.name}, sinks {args.sinks}, window {args.window}, chunk {args.chunk}"
+    names = "+".join(path.stem for path in args.text)
+    title = f"{loaded.name}: {names}, {len(tokens)} tokens, sinks {args.sinks}, window {args.window}, chunk {args.chunk}"
     if "recompute" in modes and rchunk != args.chunk:
         title += f" (recompute {rchunk})"
-    rows = [[r.mode, r.tokens, r.ppl, r.mean_nll] for r in results.values()]
-    print_table(title, ["mode", "tokens", "ppl", "nll"], rows)
+    rows = [[r.mode, r.tokens, r.ppl, r.mean_nll, r.seconds, r.tokens / r.seconds] for r in results.values()]
+    print_table(title, ["mode", "tokens", "ppl", "nll", "seconds", "tokens/s"], rows)
+    summary = {m: r.summary() for m, r in results.items()}
+    if args.bucket:
+        buckets = {m: bucket_ppl(r.nll, args.bucket) for m, r in results.items()}
+        print_bucket_table(buckets, args.bucket)
+        for m in results:
+            summary[m]["buckets"] = buckets[m]
     if args.csv:
         cols = list(results.values())
         write_csv(
@@ -221,9 +257,10 @@ def run(args: argparse.Namespace) -> int:
             [[j + 1, *(float(r.nll[j]) for r in cols)] for j in range(len(tokens) - 1)],
         )
     if args.plot:
-        save_figure(plot_log_ppl(results, title), args.plot)
+        fig = plot_buckets(buckets, args.bucket, title) if args.bucket else plot_log_ppl(results, title)
+        save_figure(fig, args.plot)
     if args.json:
-        print_json({m: {"ppl": r.ppl, "nll": r.mean_nll, "tokens": r.tokens} for m, r in results.items()})
+        print_json(summary)
     return 0
 
 

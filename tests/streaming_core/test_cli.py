@@ -41,7 +41,11 @@ def test_eval_ppl_outputs(env, capsys, tmp_path):
     result = last_json(capsys)
     assert list(result) == MODES
     for r in result.values():
-        assert set(r) == {"ppl", "nll", "tokens"} and r["tokens"] == 149 and r["ppl"] > 1
+        assert (
+            set(r) == {"ppl", "nll", "tokens", "seconds", "tokens_per_s"}
+            and r["tokens"] == 149
+            and r["ppl"] > 1
+        )
     assert plot.read_bytes()[:8] == PNG_MAGIC
     rows = list(csv.reader(table.open()))
     assert rows[0] == ["position", *MODES] and len(rows) == 150

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from ...redis_embedded import HOST, find_redis_server, free_port
-from ..local import start_server, stop
+from ..local import rss_mb, start_server, stop
 
 
 class SoakRedis:
@@ -132,13 +132,7 @@ class Replica:
         """Resident set size of the server process now (Linux /proc), None when it is not running."""
         if self.proc is None or not self.up:
             return None
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            return None
-        return None
+        return rss_mb(self.proc.pid)
 
 
 class Cluster:
