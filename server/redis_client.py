@@ -3,7 +3,7 @@
 Every command is bounded twice. Each attempt waits at most `socket_timeout_seconds` for a reply and
 `connect_timeout_seconds` for a connection, and a connection error or timeout is retried `retries` times
 with jittered exponential backoff (redis-py's Retry). On top of that the whole command, reconnects
-included, ends after `RedisLimits.command_deadline_seconds`: against a frozen Redis the kernel still
+included, ends after `RedisLimits.command_deadline_seconds` (a connect and a reply timeout per attempt): against a frozen Redis the kernel still
 accepts connections, so without that bound every retry paid a fresh connection and its handshake as well
 as its reply timeout, and requests arriving well into a freeze waited for Redis to come back instead of
 being refused. Pooled connections idle for `health_check_interval_seconds` are PINGed before use, so those
@@ -18,7 +18,6 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import TimeoutError as RedisTimeout
@@ -36,30 +35,17 @@ async def _bounded(work: Awaitable[T], deadline_s: float, what: str) -> T:
         async with asyncio.timeout(deadline_s):
             return await work
     except TimeoutError as e:  # the builtin one asyncio raises: make it the Redis error callers handle
-        if isinstance(e, RedisTimeout):
-            raise
         raise RedisTimeout(f"{what}: no answer from Redis within {deadline_s:g}s") from e
 
 
-class BoundedPipeline(Pipeline):
-    deadline_s: float = 0.0
-
-    async def execute(self, raise_on_error: bool = True) -> list[Any]:
-        return await _bounded(super().execute(raise_on_error), self.deadline_s, "pipeline")
-
-
 class BoundedRedis(Redis):
-    """A client whose every command and pipeline ends within `deadline_s`, whatever its retries do."""
+    """A client whose every command ends within `deadline_s`, whatever its retries do. Pipelines (listing
+    and deleting sessions, off the turn's path) keep redis-py's own per-attempt bounds."""
 
     deadline_s: float = 0.0
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         return await _bounded(super().execute_command(*args, **options), self.deadline_s, str(args[0]))
-
-    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> BoundedPipeline:
-        pipe = BoundedPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
-        pipe.deadline_s = self.deadline_s
-        return pipe
 
 
 def connect(url: str, limits: RedisLimits) -> BoundedRedis:

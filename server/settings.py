@@ -81,9 +81,10 @@ class RedisLimits(BaseModel):
 
     @property
     def command_deadline_seconds(self) -> float:
-        """Longest a command may take in all, attempts, reconnects and backoff included: every attempt's
-        socket timeout. The client gives up then, and a commit carries it as its deadline on Redis's clock."""
-        return self.socket_timeout_seconds * (self.retries + 1)
+        """Longest a command may take in all, attempts, reconnects and backoff included: a connection and a
+        reply timeout per attempt (3 s by default). The client gives up then, and a commit carries it as its
+        deadline on Redis's clock."""
+        return (self.socket_timeout_seconds + self.connect_timeout_seconds) * (self.retries + 1)
 
 
 def _reject_unknown(value: Any, cls: type) -> Any:
