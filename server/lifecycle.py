@@ -89,7 +89,9 @@ class Lifecycle:
             name = served_model_name(settings)
             store = SessionStore(redis, ttl_seconds=settings.server.session_ttl_seconds)
             lease_ms = int(settings.server.replica_lease_seconds * 1000)
-            self._replicas = Replicas(redis, default_replica_id(), lease_ms=lease_ms)
+            self._replicas = Replicas(
+                redis, default_replica_id(), lease_ms=lease_ms, heartbeat_redis=redis.unbounded()
+            )
             manager = ConversationManager(
                 engine,
                 engine.tokenizer,

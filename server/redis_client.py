@@ -47,6 +47,12 @@ class BoundedRedis(Redis):
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         return await _bounded(super().execute_command(*args, **options), self.deadline_s, str(args[0]))
 
+    def unbounded(self) -> Redis:
+        """A client on the same connections with only the per-attempt bounds: for the lease heartbeat,
+        which must keep retrying through a moment its event loop is starved (a neighbour starting up on
+        the same cores) rather than let the lease lapse, and which answers no request meanwhile."""
+        return Redis(connection_pool=self.connection_pool)
+
 
 def connect(url: str, limits: RedisLimits) -> BoundedRedis:
     retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), limits.retries)

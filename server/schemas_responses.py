@@ -101,6 +101,8 @@ def _metadata(value: Any) -> Any:
     for key, v in value.items():
         if len(key) > 64 or not isinstance(v, str) or len(v) > 512:
             raise ValueError("metadata keys have at most 64 characters, values are strings of at most 512")
+        utf8_text(key, "a metadata key")  # stored in Redis: a lone surrogate is the client's 400, not our 500
+        utf8_text(v, "a metadata value")
     return value
 
 

@@ -49,14 +49,15 @@ def bucket_index(rows: int) -> int:
 # -- kernels: (weight [out, in], bias) -> a function of x [N, in] ---------------------------------------
 def _dense_nn(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
     wt = w.t().contiguous()  # [in, out]: the row-major right operand BLAS streams best
+    # x may arrive in bf16 (a quantized neighbour's product, see Linear.native): compute in the weight's dtype
     if b is None:
-        return lambda x: torch.mm(x, wt)
-    return lambda x: torch.addmm(b, x, wt)
+        return lambda x: torch.mm(x if x.dtype == wt.dtype else x.to(wt.dtype), wt)
+    return lambda x: torch.addmm(b, x if x.dtype == wt.dtype else x.to(wt.dtype), wt)
 
 
 def _dense_nt(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
     w = w.contiguous()  # [out, in], what F.linear reads
-    return lambda x: F.linear(x, w, b)
+    return lambda x: F.linear(x if x.dtype == w.dtype else x.to(w.dtype), w, b)
 
 
 def _int8_bf16act(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:

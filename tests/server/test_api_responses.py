@@ -63,8 +63,9 @@ def other(live: LiveServer) -> openai.OpenAI:
 
 
 def raw(live: LiveServer, method: str, path: str, body: Any = None, key: str = KEY_A) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}"}
-    return httpx.request(method, f"{live.url}/v1{path}", json=body, headers=headers, timeout=120)
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    content = None if body is None else json.dumps(body)  # ASCII escapes: lone surrogates travel as \udXXX
+    return httpx.request(method, f"{live.url}/v1{path}", content=content, headers=headers, timeout=120)
 
 
 def stateless(client: openai.OpenAI, messages: list[dict[str, str]]) -> str:
@@ -304,13 +305,17 @@ BAD_BODIES: list[tuple[dict[str, Any], str]] = [
     ({"input": "x", "max_tokens": 5}, "max_tokens"),
     ({"input": "x", "store": "yes"}, "store"),
     ({"input": "x", "metadata": {"k": "v" * 513}}, "metadata"),
+    ({"input": "", "metadata": {"\ud800": ""}}, "metadata"),  # found by test_fuzz: a lone surrogate was a 500
+    ({"input": "x", "metadata": {"k": "\udfff"}}, "metadata"),
     ({"input": []}, "input"),
     ({}, "input"),
     ({"input": [{"role": "assistant", "content": "x"}]}, "input"),
 ]
 
 
-@pytest.mark.parametrize(("body", "param"), BAD_BODIES, ids=[p for _, p in BAD_BODIES])
+@pytest.mark.parametrize(
+    ("body", "param"), BAD_BODIES, ids=[f"{p}-{i}" for i, (_, p) in enumerate(BAD_BODIES)]
+)
 def test_bad_bodies_are_400_naming_the_field(live: LiveServer, body: dict[str, Any], param: str) -> None:
     r = raw(live, "POST", "/responses", {"model": MODEL, **body})
     assert r.status_code == 400, r.text

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from streaming_core import linear as lin
-from streaming_core.linear import ROW_BUCKETS, bucket_index, candidates
+from streaming_core.linear import ROW_BUCKETS, Linear, bucket_index, candidates
 from streaming_core.models import build_model
 from streaming_core.quant import quantize_int4, quantize_int8
 
@@ -121,3 +121,19 @@ def test_int4_model_of_q4_1_weights_stays_close_to_dense():
     hf = tiny_llama()
     _snap_to_q4_1(hf)
     _assert_close_to_dense(hf, "int4")
+
+
+@pytest.mark.parametrize("kernel", ["int8-bf16act", "int8-codes-bf16", "int8-dequant-f32"])
+def test_every_int8_kernel_takes_a_bf16_product(kernel: str) -> None:
+    """gate|up hands the down projection its bf16 product (Linear.native): whichever kernel the tuning
+    chose for a bucket must take it (the dequantized fp32 GEMM once failed a server's step on it)."""
+    torch.manual_seed(0)
+    w = torch.randn(24, 64)  # torch's int8 CPU kernel wants the inner size in blocks of 64
+    layer = Linear({kernel: candidates("int8", w)[kernel](w, None)}, [kernel] * len(ROW_BUCKETS))
+    x = torch.randn(3, 64)
+    residual = torch.randn(3, 24)
+    want = layer.add_to(residual, x)
+    got = layer.add_to(residual, x.bfloat16())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=0.1, rtol=0.05)
+    assert layer.native(x.bfloat16()).shape == (3, 24)
