@@ -89,7 +89,9 @@ class Lifecycle:
             name = served_model_name(settings)
             store = SessionStore(redis, ttl_seconds=settings.server.session_ttl_seconds)
             lease_ms = int(settings.server.replica_lease_seconds * 1000)
-            self._replicas = Replicas(redis, default_replica_id(), lease_ms=lease_ms)
+            self._replicas = Replicas(
+                redis, default_replica_id(), lease_ms=lease_ms, heartbeat_redis=redis.unbounded()
+            )
             manager = ConversationManager(
                 engine,
                 engine.tokenizer,
@@ -102,7 +104,7 @@ class Lifecycle:
                 # The server gives up on a commit no sooner than every attempt has waited its socket
                 # timeout (a dead Redis cannot land a command late): a deadline of one timeout refused
                 # commits that a busy event loop merely sent late (the soak saw them as claim losses).
-                commit_timeout=settings.redis.socket_timeout_seconds * (settings.redis.retries + 1),
+                commit_timeout=settings.redis.command_deadline_seconds,
             )
             metrics = Metrics(name)
             self._replicas.on_move = lambda kind: metrics.moves.labels(name, kind).inc()

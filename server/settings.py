@@ -79,6 +79,13 @@ class RedisLimits(BaseModel):
     retry_after_seconds: int = Field(default=2, ge=1)
     """Retry-After of the 503 answered while Redis is unavailable."""
 
+    @property
+    def command_deadline_seconds(self) -> float:
+        """Longest a command may take in all, attempts, reconnects and backoff included: a connection and a
+        reply timeout per attempt (3 s by default). The client gives up then, and a commit carries it as its
+        deadline on Redis's clock."""
+        return (self.socket_timeout_seconds + self.connect_timeout_seconds) * (self.retries + 1)
+
 
 def _reject_unknown(value: Any, cls: type) -> Any:
     """Dataclasses ignore unknown keys under pydantic; a misspelt YAML key must fail instead."""

@@ -85,9 +85,18 @@ class _Claim:
 
 class Replicas:
     def __init__(
-        self, redis: Any, replica_id: str, *, prefix: str = "streamllm", lease_ms: int = 15_000
+        self,
+        redis: Any,
+        replica_id: str,
+        *,
+        prefix: str = "streamllm",
+        lease_ms: int = 15_000,
+        heartbeat_redis: Any = None,
     ) -> None:
+        """`heartbeat_redis`: the client the lease renewal uses (default `redis`); requests' claims and
+        releases use `redis`, whose commands the server bounds in all (server/redis_client.py)."""
         self.redis, self.replica_id, self.prefix, self.lease_ms = redis, replica_id, prefix, lease_ms
+        self.heartbeat_redis = heartbeat_redis if heartbeat_redis is not None else redis
         self.process = uuid.uuid4().hex
         """This process's id in the lease and in its claims' tokens (`replica|process|nonce`)."""
         self._claims: dict[str, _Claim] = {}
@@ -130,12 +139,14 @@ class Replicas:
         tokens = [self._claims[sid].token for sid in sessions]
         lost = [
             sessions[i - 1]
-            for i in await self.redis.eval(_RENEW, len(keys), *keys, self.lease_ms, *tokens, self.process)
+            for i in await self.heartbeat_redis.eval(
+                _RENEW, len(keys), *keys, self.lease_ms, *tokens, self.process
+            )
         ]
         for sid in lost:
             log.warning("session %s: this replica's claim expired and was not renewed", sid)
         for sid, token in list(self._stale.items()):
-            await self.redis.eval(_RELEASE, 1, self.claim_key(sid), token)
+            await self.heartbeat_redis.eval(_RELEASE, 1, self.claim_key(sid), token)
             if self._stale.get(sid) == token:  # a claim during the await may have replaced or dropped it
                 del self._stale[sid]
         return lost

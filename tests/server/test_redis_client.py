@@ -1,10 +1,6 @@
-"""Issue 7's open defect, pinned: against a frozen Redis (SIGSTOP: the kernel still accepts connections), a
-command started well into the freeze while other requests keep failing and reconnecting should be refused
-within the soak's bound, not wait for the thaw. Each retry pays a fresh connection and its handshake as well
-as its reply timeout, so a command took 4-7 s. A client bounding each command in all (asyncio.timeout over
-execute_command) fixed it (probes refused after 1.5-3.0 s) but made the two-replica failover test fail
-in most runs, for a reason not found; it was backed out, and this test is an expected failure until the
-defect is fixed without that."""
+"""The server's Redis client bounds every command in all, reconnects included: against a frozen Redis
+(SIGSTOP: the kernel still accepts connections) a command started well into the freeze, while other
+requests keep failing and reconnecting, is refused within the deadline instead of waiting for the thaw."""
 
 from __future__ import annotations
 
@@ -14,8 +10,6 @@ import os
 import signal
 import time
 from pathlib import Path
-
-import pytest
 
 from server.redis_client import UNAVAILABLE, connect
 from server.redis_embedded import free_port
@@ -44,10 +38,7 @@ async def _busy(client, until: float) -> None:
             await client.set("busy", "1")
 
 
-@pytest.mark.xfail(
-    reason="issue 7 open defect: a retry against a frozen Redis reconnects each time", strict=False
-)
-def test_commands_started_during_a_freeze_are_refused_within_the_bound(tmp_path: Path) -> None:
+def test_commands_started_during_a_freeze_are_refused_within_the_deadline(tmp_path: Path) -> None:
     limits = RedisLimits()
     with freezable_redis(tmp_path / "redis", port=free_port()) as server:
         assert server.pid
