@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from .conversation.chain import utf8_text
+from .errors import APIError
 from .schemas import _REQUEST, GenerationRequest, _unsupported
 
 Item = dict[str, Any]
@@ -240,11 +241,11 @@ class AddItemsRequest(BaseModel):
 
 
 def item_page(items: list[Item], limit: int, order: str, after: str | None) -> dict[str, Any]:
-    """A list object of items ('asc': oldest first), `limit` of them after the item `after`."""
+    """A list object of items ('asc': oldest first), `limit` of them after the item `after` (400 if absent)."""
     ordered = items if order == "asc" else items[::-1]
     ids = [item["id"] for item in ordered]
     if after is not None and after not in ids:
-        raise ValueError(f"no item {after!r} in this list")
+        raise APIError(400, f"no item {after!r} in this list", param="after", code="invalid_value")
     start = ids.index(after) + 1 if after is not None else 0
     page = ordered[start : start + limit]
     return {

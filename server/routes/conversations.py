@@ -9,7 +9,6 @@ from fastapi import APIRouter
 
 from ..conversation.threads import Item, Thread, ThreadStore, thread_conflict
 from ..deps import OwnerDep, ServingDep, ThreadsDep
-from ..errors import APIError
 from ..response_plan import ResponsePlanner, not_found
 from ..schemas_responses import (
     AddItemsRequest,
@@ -93,10 +92,7 @@ async def list_items(
     after: str | None = None,
 ) -> dict[str, Any]:
     thread = await _conversation(threads, owner, conversation_id)
-    try:
-        return item_page(await threads.items(thread.id), limit, order, after)
-    except ValueError as e:
-        raise APIError(400, str(e), param="after", code="invalid_value") from e
+    return item_page(await threads.items(thread.id), limit, order, after)
 
 
 @router.post("/conversations/{conversation_id}/items")

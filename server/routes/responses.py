@@ -74,10 +74,7 @@ async def list_input_items(
     after: str | None = None,
 ) -> dict[str, Any]:
     stored = await _stored(threads, owner, response_id)
-    try:
-        return item_page(stored.input, limit, order, after)
-    except ValueError as e:
-        raise APIError(400, str(e), param="after", code="invalid_value") from e
+    return item_page(stored.input, limit, order, after)
 
 
 @router.post("/responses/{response_id}/cancel")
