@@ -16,6 +16,7 @@ the slot's whole capacity.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -80,11 +81,13 @@ class _Decode:
         torch.Tensor | None
     )  # [B, 1, 1, sink_max] which leading entries are sinks, None if all rows agree
     slots: torch.Tensor  # [B]
+    sinks: torch.Tensor  # [B] sink entries of each row's slot
     entries: torch.Tensor  # [B] ring entry each new token is written to
     targets: torch.Tensor  # [B*kvh] where each (token, kv head) goes in a layer's pool viewed as [-1, hd]
     view: slice | None  # slots as a contiguous range: attend over a view, no gather
     length: int  # entries read per slot: the filled prefix's bucket
     bias: torch.Tensor  # [B, kvh|1, g|1, length] additive mask (+ ALiBi)
+    flat_bias: torch.Tensor | None  # [B, length] the RoPE mask as the fused kernel reads it
 
 
 @dataclass
@@ -104,7 +107,14 @@ class _Prefill:
 class StepContext:
     """Per-step attention metadata; built from the plan, read by every layer."""
 
-    def __init__(self, pool: KVPool, spec: PositionalSpec, decode: list[SeqChunk], prefill: list[SeqChunk]):
+    def __init__(
+        self,
+        pool: KVPool,
+        spec: PositionalSpec,
+        decode: list[SeqChunk],
+        prefill: list[SeqChunk],
+        fused: ModuleType | None = None,
+    ):
         self.pool, self.spec = pool, spec
         cache = pool.cache
         self.S, self.cap = cache.sink_tokens, cache.capacity
@@ -132,6 +142,20 @@ class StepContext:
             cw, sw = _tables(t, spec, pool.dtype)
             cs, ss = _tables(p, spec, pool.dtype)
             self.rope = _Rope(cw, sw, cs, ss)
+        self.fused = fused if fused is not None and self._fusable() else None
+        """The compiled CPU kernels (streaming_core/fused) when this step can run on them: `attend_qkv`."""
+
+    def _fusable(self) -> bool:
+        """Decode-only RoPE steps over the whole head, activations in fp32, KV in fp32 or bf16."""
+        return (
+            self.decode is not None
+            and not self.prefill
+            and self.spec.kind == "rope"
+            and self.pool.device.type == "cpu"
+            and self.pool.dtype == torch.float32
+            and self.pool.kv_dtype in (torch.float32, torch.bfloat16)
+            and self.spec.rotary_dim == self.pool.shape.head_dim
+        )
 
     # -- metadata -------------------------------------------------------------------------------
     def _heads_bias(self, dist: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
@@ -172,7 +196,8 @@ class StepContext:
         cols = None
         if min(sinks) != max(sinks):
             cols = (torch.arange(smax, device=dev) < S[:, None])[:, None, None, :]  # [B, 1, 1, smax]
-        return _Decode(len(chunks), smax, cols, slots, entries, targets, view, length, bias)
+        flat = bias.reshape(len(chunks), length) if dist is None else None  # [B, length]
+        return _Decode(len(chunks), smax, cols, slots, S, entries, targets, view, length, bias, flat)
 
     def _build_prefill(
         self, c: SeqChunk, row0: int, t: torch.Tensor, p_parts: list[torch.Tensor]
@@ -216,6 +241,29 @@ class StepContext:
             self.pool.write_positions(slots, meta.write_entries, t)
 
     # -- the attention itself -------------------------------------------------------------------
+    def attend_qkv(self, layer: int, qkv: torch.Tensor, out_bf16: bool) -> torch.Tensor:
+        """`attend` on the fused kernels, from the packed projection: qkv [B, (H + 2*kvh)*hd] (fp32 or bf16)
+        -> [B, H*hd], in bf16 when it feeds a quantized kernel. Only when `self.fused` is set."""
+        f, d, r, pool = self.fused, self.decode, self.rope, self.pool
+        assert f is not None and d is not None and r is not None
+        hd = pool.shape.head_dim
+        heads = qkv.shape[1] // hd - 2 * self.kvh
+        q_w, q_s = f.rope_write(
+            qkv, r.cos_w, r.sin_w, r.cos_s, r.sin_s, self.spec.scale, heads, self.kvh,
+            pool.layer_k_rows[layer], pool.layer_v_rows[layer], d.targets, self.sink_query,
+        )  # fmt: skip
+        return f.attend(
+            q_w,
+            q_s,
+            pool.layer_k[layer],
+            pool.layer_v[layer],
+            d.slots,
+            d.sinks,
+            d.flat_bias,
+            d.length,
+            out_bf16,
+        )  # [B, H*hd]
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [N, H, hd], k/v [N, kvh, hd] (unrotated) -> [N, H, hd]."""
         q = q * self.spec.scale  # RoPE is linear: scaling before rotating serves both rotations

@@ -66,7 +66,8 @@ class EngineConfig:
     computes in the activations' dtype, so bf16 KV halves the bytes read and offloaded, at bf16 rounding."""
     weights: str = "auto"
     """Matmul weight precision: 'dense' (the dtype above, exact), 'int8' (per-channel weight-only),
-    'int4' (per group of 32, the GGUF Q4 block), or 'auto' (int8 on CPU, dense elsewhere). Kernels per
+    'int4' (per group of 32, the GGUF Q4 block; the LM head at int8), or 'auto' (on CPU int4 for a GGUF whose
+    layers are 4-bit, which keeps their codes, else int8; dense elsewhere). Kernels per
     batch size are measured at load whichever is chosen (see streaming_core/linear.py)."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     """Sink+window slot shape and pool size."""

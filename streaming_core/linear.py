@@ -31,7 +31,8 @@ from .quant import int4_supported, quantize_int4, quantize_int8
 log = logging.getLogger(__name__)
 
 WEIGHT_MODES = ("dense", "int8", "int4")
-"""dense: the model dtype, exact; int8: per-channel weight-only; int4: per-group-of-32 weight-only."""
+"""dense: the model dtype, exact; int8: per-channel weight-only; int4: per-group-of-32 weight-only for
+the layers and int8 for the LM head (as GGUF's 4-bit files keep the output matrix at 6-8 bits)."""
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """Row counts a kernel is chosen for; a call uses the bucket of the next row count up (the last beyond)."""
 LOGIT_BUCKETS = ROW_BUCKETS[:7]
@@ -60,12 +61,22 @@ def _dense_nt(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
     return lambda x: F.linear(x if x.dtype == w.dtype else x.to(w.dtype), w, b)
 
 
+def _bf16(x: torch.Tensor) -> torch.Tensor:
+    """x in bf16, without a dispatcher call when it already is (the fused decode path hands bf16 in)."""
+    return x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
+
+
+# the resolved overloads: calling them skips the packet's overload lookup, ~1 us a call in a decode step
+_INT8_MM = torch.ops.aten._weight_int8pack_mm.default
+_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+
+
 def _int8_bf16act(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
     q8 = quantize_int8(w)
     q, s = q8.q.to(w.device), q8.scales.to(device=w.device, dtype=torch.bfloat16)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int8pack_mm(x.to(torch.bfloat16), q, s)  # [N, out] bf16 (Linear casts)
+        y = _INT8_MM(_bf16(x), q, s)  # [N, out] bf16 (Linear casts)
         return y if b is None else y + b
 
     return run
@@ -80,7 +91,7 @@ def _int8_codes_bf16(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
     s = q8.scales.to(device=w.device, dtype=torch.bfloat16)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        y = torch.mm(x.to(torch.bfloat16), qt) * s  # [N, out] bf16 (Linear casts)
+        y = torch.mm(_bf16(x), qt) * s  # [N, out] bf16 (Linear casts)
         return y if b is None else y + b
 
     return run
@@ -90,7 +101,7 @@ def _int4_kernel(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
     q4 = quantize_int4(w)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), q4.packed, 32, q4.scale_zero)
+        y = _INT4_MM(_bf16(x), q4.packed, 32, q4.scale_zero)
         return y if b is None else y + b  # [N, out] bf16 (Linear casts)
 
     return run
@@ -130,6 +141,12 @@ def candidates(
     raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}; got {mode!r}")
 
 
+def role_precision(mode: str, role: str) -> str:
+    """The precision one weight role runs in under `mode`: int4 keeps the LM head at int8, since one
+    4-bit rounding of the 49K-row output matrix moves every logit (GGUF's Q4 files keep it at Q6_K/Q8_0)."""
+    return "int8" if mode == "int4" and role == "lm_head" else mode
+
+
 class Linear:
     """One weight, callable on x [N, in] -> [N, out] with the kernel chosen for N's bucket."""
 
@@ -137,6 +154,15 @@ class Linear:
         self.choice = choice
         """Kernel name per ROW_BUCKETS entry."""
         self._by_bucket = [kernels[name] for name in choice]
+        self._bf16_in = [name.startswith("int") and not name.endswith("-f32") for name in choice]
+
+    def takes_bf16(self, rows: int) -> bool:
+        """Whether the kernel for `rows` computes from bf16 activations (it casts its input when not)."""
+        return self._bf16_in[bucket_index(rows)]
+
+    def at(self, bucket: int) -> tuple[Kernel, bool]:
+        """The kernel of ROW_BUCKETS[bucket] and whether it takes bf16: for a caller that buckets once a step."""
+        return self._by_bucket[bucket], self._bf16_in[bucket]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = self._by_bucket[bucket_index(x.shape[0])](x)
@@ -291,12 +317,14 @@ def prepare_linears(
     for role, group in by_role.items():
         weights = [(s.get(s.name), s.get(s.bias_name) if s.bias_name else None) for s in group]
         buckets = LOGIT_BUCKETS if role == "lm_head" else ROW_BUCKETS
-        if role in cached and len(cached[role]["choice"]) == len(buckets):
-            choice, timings = list(cached[role]["choice"]), list(cached[role]["timings"])
-            builders = candidates(mode, weights[0][0])
+        role_mode = role_precision(mode, role)
+        builders = candidates(role_mode, weights[0][0])
+        entry = cached.get(role)
+        if entry and len(entry["choice"]) == len(buckets) and set(entry["choice"]) <= set(builders):
+            choice, timings = list(entry["choice"]), list(entry["timings"])
             built = {n: [builders[n](w, b) for w, b in weights] for n in set(choice)}
         else:
-            built, choice, timings = tune(mode, weights, buckets, rounds)
+            built, choice, timings = tune(role_mode, weights, buckets, rounds)
             cached[role] = {"choice": list(choice), "timings": timings}
         for rows, best, times in zip(buckets, choice, timings, strict=True):
             report.rows.append((role, rows, best, times))

@@ -8,6 +8,7 @@ so a killed process never leaves a half-written cache behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -58,11 +59,35 @@ def resolve_device_dtype(
     return dev, _DTYPES[dtype]
 
 
-def resolve_weights(weights: str | None, device: torch.device) -> str:
-    """'auto' is int8 weight-only on CPU (within 1% of fp32 perplexity, see README) and dense elsewhere."""
+_FOUR_BIT = {"Q4_0", "Q4_1", "Q4_K"}
+"""GGUF types whose every block of 32 is an affine grid of 16 levels: int4 with groups of 32 holds them."""
+
+
+def resolve_weights(weights: str | None, device: torch.device, four_bit_source: bool = False) -> str:
+    """'auto' on CPU: int4 when the file's layer weights are 4-bit already (their codes are kept, so int4
+    is the file's own precision), else int8 weight-only; both within 1% of fp32 perplexity (README).
+    Dense elsewhere."""
     if weights in (None, "auto"):
-        return "int8" if device.type == "cpu" else "dense"
+        if device.type != "cpu":
+            return "dense"
+        return "int4" if four_bit_source else "int8"
     return weights
+
+
+def gguf_layers_are_4bit(path: Path, converted: Path) -> bool:
+    """Whether every matrix of the GGUF's transformer blocks is stored in a 4-bit block type. Reading the
+    header takes seconds, so the answer is kept next to the converted copy (`converted`)."""
+    note = converted / "gguf-layer-types.json"
+    try:
+        kinds = set(json.loads(note.read_text()))
+    except (OSError, ValueError):
+        from gguf import GGUFReader
+
+        tensors = GGUFReader(path).tensors
+        kinds = {t.tensor_type.name for t in tensors if t.name.startswith("blk.") and len(t.shape) == 2}
+        with contextlib.suppress(OSError):
+            note.write_text(json.dumps(sorted(kinds)))
+    return bool(kinds) and kinds <= _FOUR_BIT
 
 
 def default_data_dir() -> Path:
@@ -98,10 +123,10 @@ def load_model(
     None leaves the plain tensors (reference tests)."""
     dev, default_dtype = resolve_device_dtype(device, None)
     dtype = dtype or default_dtype
-    if source == "default":
-        directory, name = cached_gguf_dir(default_gguf_path(), data_dir), DEFAULT_GGUF.split(".")[0]
-    elif source.endswith(".gguf"):
-        directory, name = cached_gguf_dir(Path(source), data_dir), Path(source).stem
+    gguf = default_gguf_path() if source == "default" else Path(source) if source.endswith(".gguf") else None
+    if gguf is not None:
+        name = DEFAULT_GGUF.split(".")[0] if source == "default" else gguf.stem
+        directory = cached_gguf_dir(gguf, data_dir)
     else:
         directory, name = Path(source), Path(source).resolve().name
         if not (directory / "config.json").is_file():
@@ -111,7 +136,10 @@ def load_model(
     hf_model, tokenizer = _load_hf_dir(directory)
     model = build_model(hf_model, dtype, dev)
     if weights is not None:
-        model.prepare(resolve_weights(weights, dev), cache_dir=(data_dir or default_data_dir()) / "kernels")
+        root = data_dir or default_data_dir()
+        four_bit = gguf is not None and gguf_layers_are_4bit(gguf, directory)
+        precision = resolve_weights(weights, dev, four_bit)
+        model.prepare(precision, cache_dir=root / "kernels", fused_dir=root / "torch-extensions")
     return LoadedModel(model, tokenizer, hf_model.config, name, hf_model if keep_hf else None)
 
 

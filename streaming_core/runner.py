@@ -31,7 +31,7 @@ class ModelRunner:
         decode = [c for c in chunks if len(c.tokens) == 1]
         prefill = [c for c in chunks if len(c.tokens) > 1]
         ids = torch.tensor([t for c in chunks for t in c.tokens], dtype=torch.long, device=self.device)  # [N]
-        ctx = StepContext(self.pool, self.model.spec, decode, prefill)
+        ctx = StepContext(self.pool, self.model.spec, decode, prefill, self.model.fused)
         hidden = self.model(ids, ctx)  # [N, D]
         ctx.finish(prefill)
         rows, spans = self._logit_rows(chunks)

@@ -6,11 +6,13 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from .. import fused
 from ..attention import PositionalSpec, StepContext
 from ..kv_pool import KVShape
 from ..linear import KernelReport, Linear, LinearSlot, linear, prepare_linears
@@ -76,11 +78,22 @@ class DecoderModel:
         self.head = self.lm_head  # type: ignore[assignment]  # replaced by its Linear below
         yield LinearSlot("lm_head", self, "head", None)
 
-    def prepare(self, weights: str = "dense", cache_dir: Path | None = None) -> KernelReport:
+    def prepare(
+        self, weights: str = "dense", cache_dir: Path | None = None, fused_dir: Path | None = None
+    ) -> KernelReport:
         """Put every weight in the layouts and kernels measured fastest here for `weights` precision
-        (the measurement is reused from `cache_dir` when this machine already made it)."""
+        (the measurement is reused from `cache_dir` when this machine already made it); with `fused_dir`,
+        a model that has a fused decode layer on the CPU loads those kernels (built there once)."""
         self.kernels = prepare_linears(self.linear_slots(), weights, cache_dir=cache_dir)
+        on_cpu = self.lm_head.device.type == "cpu" and self.lm_head.dtype == torch.float32
+        if fused_dir is not None and on_cpu and self.has_fused_decode:
+            self.fused = fused.load(fused_dir)
         return self.kernels
+
+    has_fused_decode = False
+    """Whether `layer_forward` runs on the fused CPU kernels when a step offers them (StepContext.fused)."""
+    fused: ModuleType | None = None
+    """The compiled kernels, once `prepare` loaded them (the runner hands them to each step)."""
 
 
 def param(t: torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..attention import PositionalSpec, StepContext
 from ..kv_pool import KVShape
-from ..linear import Linear, linear, linear_add, linear_native
+from ..linear import Kernel, Linear, bucket_index, linear, linear_add, linear_native
 from .base import DecoderModel, param, rms_norm
 
 
@@ -26,6 +26,12 @@ class _LlamaLayer:
     w_o: torch.Tensor | Linear  # [D, H*hd]
     w_gate_up: torch.Tensor | Linear  # [2F, D], rows as [gate | up]
     w_down: torch.Tensor | Linear  # [D, F]
+
+
+def _kernel(w: torch.Tensor | Linear, bucket: int) -> tuple[Kernel, bool]:
+    """A prepared weight's kernel for the step's row bucket and whether it reads bf16."""
+    assert isinstance(w, Linear), "the fused path runs on prepared weights"
+    return w.at(bucket)
 
 
 class LlamaModel(DecoderModel):
@@ -54,6 +60,7 @@ class LlamaModel(DecoderModel):
         self.lm_head = self.embed_tokens if tied else p(hf_model.lm_head.weight)
         self.norm = p(core.norm.weight)
         self.layers: list[_LlamaLayer] = []
+        self._kernels_by_bucket: dict[int, list[list[tuple[Kernel, bool]]]] = {}
         for layer in core.layers:
             a, m = layer.self_attn, layer.mlp
             bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
@@ -72,6 +79,14 @@ class LlamaModel(DecoderModel):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens[input_ids]  # [N, D]
 
+    has_fused_decode = True
+
+    def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        # prepared weights and a decode step on the CPU (reference attentions in the tests have no kernels)
+        if getattr(ctx, "fused", None) is not None and self.head is not None:
+            return self._fused_forward(input_ids, ctx)
+        return super().forward(input_ids, ctx)
+
     def layer_forward(self, i: int, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         w, N = self.layers[i], x.shape[0]
         qkv = linear(rms_norm(x, w.ln1, self.eps), w.w_qkv, w.b_qkv)  # [N, (H+2kvh)*hd]
@@ -83,6 +98,31 @@ class LlamaModel(DecoderModel):
         # gate|up stays in its kernel's dtype through SiLU into the down projection (bf16 when quantized)
         gate, up = linear_native(rms_norm(x, w.ln2, self.eps), w.w_gate_up).chunk(2, dim=-1)  # [N, F] each
         return linear_add(x, F.silu(gate) * up, w.w_down)
+
+    def _fused_forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """`forward` for a decode step on the fused CPU kernels: per layer four kernel calls besides the
+        four matmuls. Each residual add is folded into the RMSNorm after it, which writes the dtype the
+        next matmul reads (bf16 into a quantized kernel); the final hidden states stay fp32."""
+        f, eps = ctx.fused, self.eps
+        assert f is not None
+        kernels = self._step_kernels(bucket_index(input_ids.shape[0]))
+        x = self.embed(input_ids)  # [B, D] fp32, a fresh tensor: the residual stream is updated in place
+        h = f.add_rms_norm_(x, None, self.layers[0].ln1, eps, kernels[0][0][1])  # [B, D]
+        for i, w in enumerate(self.layers):
+            (qkv, _), (o, o_bf16), (gate_up, gu_bf16), (down, _) = kernels[i]
+            h = f.add_rms_norm_(x, o(ctx.attend_qkv(i, qkv(h), o_bf16)), w.ln2, eps, gu_bf16)
+            last = i + 1 == len(self.layers)
+            norm, bf16 = (self.norm, False) if last else (self.layers[i + 1].ln1, kernels[i + 1][0][1])
+            h = f.add_rms_norm_(x, down(f.silu_mul(gate_up(h))), norm, eps, bf16)
+        return h  # [B, D] final-normed, fp32
+
+    def _step_kernels(self, bucket: int) -> list[list[tuple[Kernel, bool]]]:
+        """Per layer, the (kernel, reads bf16) of q|k|v, o, gate|up and down for one row bucket."""
+        if bucket not in self._kernels_by_bucket:
+            self._kernels_by_bucket[bucket] = [
+                [_kernel(m, bucket) for m in (w.w_qkv, w.w_o, w.w_gate_up, w.w_down)] for w in self.layers
+            ]
+        return self._kernels_by_bucket[bucket]
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.norm, self.eps)

@@ -55,11 +55,12 @@ def test_eval_ppl_outputs(env, capsys, tmp_path):
 
 def test_within_capacity_every_mode_is_dense(env, capsys):
     """While the text fits in sinks + window nothing is evicted: every mode scores like dense. Sink scores
-    use a separate matmul for the sink keys, hence float rounding, not bit equality."""
+    use a separate matmul for the sink keys, and token-by-token decode runs the fused CPU kernels (their
+    own summation order), hence float rounding, not bit equality."""
     assert eval_ppl(env, 30) == 0
     result = last_json(capsys)
     dense = result["dense"]["ppl"]
-    assert result["window"]["ppl"] == dense
+    assert result["window"]["ppl"] == pytest.approx(dense, rel=1e-6)
     assert result["sink"]["ppl"] == pytest.approx(dense, rel=1e-6)
     assert result["recompute"]["ppl"] == pytest.approx(dense, rel=1e-6)
 

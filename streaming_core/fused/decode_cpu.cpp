@@ -1,0 +1,395 @@
+// Fused CPU kernels for one decode step of a RoPE model over the sink+window pool.
+//
+// Eager PyTorch spends most of a one-row decode step outside the matmuls: ~50 small ops per layer at a few
+// microseconds each. These kernels do the same arithmetic as the eager path in streaming_core/attention.py
+// and models/llama.py (see their docstrings for the semantics) in four calls per layer; `streaming_core/fused/__init__.py` compiles and loads them and
+// the tests compare them with the eager path.
+//
+// Layouts (all contiguous): qkv [B, (H + 2 kvh) * hd]; rope tables [B, hd] (cos, and sin signed as
+// positions.rotate expects); pool K/V [slots, kvh, cap, hd]; bias [B, L] additive (0 or -inf).
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+inline float to_f(float x) { return x; }
+inline float to_f(c10::BFloat16 x) { return static_cast<float>(x); }
+
+template <typename T>
+inline T from_f(float x) {
+  return static_cast<T>(x);
+}
+
+// out[j] = x[j] * cos[j] + x[j +- half] * sin[j]: positions.rotate on one head of hd features.
+template <typename In>
+inline void rotate_head(const In* x, const float* cos, const float* sin, float scale, int hd, float* out) {
+  const int half = hd / 2;
+  for (int j = 0; j < half; ++j) {
+    out[j] = (to_f(x[j]) * scale) * cos[j] + (to_f(x[j + half]) * scale) * sin[j];
+  }
+  for (int j = half; j < hd; ++j) {
+    out[j] = (to_f(x[j]) * scale) * cos[j] + (to_f(x[j - half]) * scale) * sin[j];
+  }
+}
+
+template <typename In, typename KV>
+void rope_write_impl(const at::Tensor& qkv, const at::Tensor& cos_w, const at::Tensor& sin_w,
+                     const at::Tensor& cos_s, const at::Tensor& sin_s, double scale, int64_t heads,
+                     int64_t kv_heads, at::Tensor& k_rows, at::Tensor& v_rows, const at::Tensor& targets,
+                     at::Tensor& q_w, at::Tensor& q_s, bool sink_query) {
+  const int64_t B = qkv.size(0);
+  const int hd = static_cast<int>(q_w.size(2));
+  const int64_t stride = qkv.size(1);
+  const In* src = qkv.data_ptr<In>();
+  const float* cw = cos_w.data_ptr<float>();
+  const float* sw = sin_w.data_ptr<float>();
+  const float* cs = sink_query ? cos_s.data_ptr<float>() : nullptr;
+  const float* ss = sink_query ? sin_s.data_ptr<float>() : nullptr;
+  const int64_t* tgt = targets.data_ptr<int64_t>();
+  KV* kr = k_rows.data_ptr<KV>();
+  KV* vr = v_rows.data_ptr<KV>();
+  float* qw = q_w.data_ptr<float>();
+  float* qs = sink_query ? q_s.data_ptr<float>() : nullptr;
+  std::vector<float> tmp(hd);
+  for (int64_t b = 0; b < B; ++b) {
+    const In* row = src + b * stride;
+    const float* c1 = cw + b * hd;
+    const float* s1 = sw + b * hd;
+    for (int64_t h = 0; h < heads; ++h) {
+      rotate_head(row + h * hd, c1, s1, static_cast<float>(scale), hd, qw + (b * heads + h) * hd);
+      if (sink_query) {
+        rotate_head(row + h * hd, cs + b * hd, ss + b * hd, static_cast<float>(scale), hd,
+                    qs + (b * heads + h) * hd);
+      }
+    }
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const int64_t dst = tgt[b * kv_heads + h] * hd;
+      rotate_head(row + (heads + h) * hd, c1, s1, 1.0f, hd, tmp.data());
+      const In* v = row + (heads + kv_heads + h) * hd;
+      for (int j = 0; j < hd; ++j) {
+        kr[dst + j] = from_f<KV>(tmp[j]);
+        vr[dst + j] = from_f<KV>(to_f(v[j]));
+      }
+    }
+  }
+}
+
+// Rotates q (twice: stream positions for window keys, cache positions for sink keys) and k, scales q,
+// and writes the new k (rotated) and v into the pool rows `targets` ([B * kvh] row indices of k_rows,
+// the layer's pool viewed as [-1, hd]). Returns q_w and q_s [B, H, hd] in fp32 (q_s empty without sinks).
+std::vector<at::Tensor> rope_write(const at::Tensor& qkv, const at::Tensor& cos_w, const at::Tensor& sin_w,
+                                   const at::Tensor& cos_s, const at::Tensor& sin_s, double scale,
+                                   int64_t heads, int64_t kv_heads, at::Tensor k_rows, at::Tensor v_rows,
+                                   const at::Tensor& targets, bool sink_query) {
+  TORCH_CHECK(qkv.is_contiguous() && cos_w.is_contiguous() && sin_w.is_contiguous(), "contiguous inputs");
+  TORCH_CHECK(k_rows.is_contiguous() && v_rows.is_contiguous() && targets.is_contiguous(), "contiguous pool");
+  TORCH_CHECK(cos_w.scalar_type() == at::kFloat && targets.scalar_type() == at::kLong, "fp32 tables");
+  const int64_t B = qkv.size(0);
+  const int64_t hd = k_rows.size(1);
+  TORCH_CHECK(qkv.size(1) == (heads + 2 * kv_heads) * hd, "qkv width");
+  auto opts = qkv.options().dtype(at::kFloat);
+  at::Tensor q_w = at::empty({B, heads, hd}, opts);
+  at::Tensor q_s = sink_query ? at::empty({B, heads, hd}, opts) : at::Tensor();
+  TORCH_CHECK(k_rows.scalar_type() == v_rows.scalar_type(), "k and v pools share a dtype");
+  const bool in_bf16 = qkv.scalar_type() == at::kBFloat16;
+  const bool kv_bf16 = k_rows.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(in_bf16 || qkv.scalar_type() == at::kFloat, "qkv is fp32 or bf16");
+  TORCH_CHECK(kv_bf16 || k_rows.scalar_type() == at::kFloat, "the pool is fp32 or bf16");
+  if (in_bf16 && kv_bf16) {
+    rope_write_impl<c10::BFloat16, c10::BFloat16>(qkv, cos_w, sin_w, cos_s, sin_s, scale, heads, kv_heads,
+                                                  k_rows, v_rows, targets, q_w, q_s, sink_query);
+  } else if (in_bf16) {
+    rope_write_impl<c10::BFloat16, float>(qkv, cos_w, sin_w, cos_s, sin_s, scale, heads, kv_heads, k_rows,
+                                          v_rows, targets, q_w, q_s, sink_query);
+  } else if (kv_bf16) {
+    rope_write_impl<float, c10::BFloat16>(qkv, cos_w, sin_w, cos_s, sin_s, scale, heads, kv_heads, k_rows,
+                                          v_rows, targets, q_w, q_s, sink_query);
+  } else {
+    rope_write_impl<float, float>(qkv, cos_w, sin_w, cos_s, sin_s, scale, heads, kv_heads, k_rows, v_rows,
+                                  targets, q_w, q_s, sink_query);
+  }
+  return {q_w, q_s};
+}
+
+// -- AVX2 helpers --------------------------------------------------------------------------------------
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {  // bf16 is the top half of an fp32
+  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// exp for 8 floats: Cephes' range reduction and degree-5 polynomial (relative error ~1e-7); inputs below
+// the fp32 range (masked scores are -inf) give exactly 0.
+inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.33654f), hi = _mm256_set1_ps(88.37626f);
+  const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), keep);
+}
+
+constexpr int kMaxGroup = 16;  // query heads per KV head handled by one task
+
+template <typename KV>
+inline float dot(const float* q, const KV* k, int64_t hd) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t d = 0; d < hd; d += 8) acc = _mm256_fmadd_ps(load8(q + d), load8(k + d), acc);
+  return hsum(acc);
+}
+
+// q . k_t for the 8 consecutive keys k_0..k_7 (rows of hd), as one vector: 8 accumulators, then a
+// transpose-and-add of the eight, instead of a horizontal sum per key.
+template <typename KV>
+inline __m256 dot8(const float* q, const KV* k, int64_t hd) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  for (int64_t d = 0; d < hd; d += 8) {
+    const __m256 x = load8(q + d);
+    a0 = _mm256_fmadd_ps(x, load8(k + d), a0);
+    a1 = _mm256_fmadd_ps(x, load8(k + hd + d), a1);
+    a2 = _mm256_fmadd_ps(x, load8(k + 2 * hd + d), a2);
+    a3 = _mm256_fmadd_ps(x, load8(k + 3 * hd + d), a3);
+    a4 = _mm256_fmadd_ps(x, load8(k + 4 * hd + d), a4);
+    a5 = _mm256_fmadd_ps(x, load8(k + 5 * hd + d), a5);
+    a6 = _mm256_fmadd_ps(x, load8(k + 6 * hd + d), a6);
+    a7 = _mm256_fmadd_ps(x, load8(k + 7 * hd + d), a7);
+  }
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+// acc[hd] = sum_j p[j] * v_j over L value rows, 64 features at a time held in registers.
+template <typename KV>
+inline void weigh_values(const float* p, const KV* v, int64_t L, int64_t hd, float* acc) {
+  for (int64_t d0 = 0; d0 < hd; d0 += 64) {
+    const int64_t n = std::min<int64_t>(8, (hd - d0) / 8);
+    __m256 a[8];
+    for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < L; ++j) {
+      if (p[j] == 0.f) continue;  // an empty entry: its value row may be stale
+      const __m256 w = _mm256_set1_ps(p[j]);
+      const KV* row = v + j * hd + d0;
+      if (n == 8) {
+        for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(w, load8(row + 8 * i), a[i]);
+      } else {
+        for (int i = 0; i < n; ++i) a[i] = _mm256_fmadd_ps(w, load8(row + 8 * i), a[i]);
+      }
+    }
+    for (int i = 0; i < n; ++i) _mm256_storeu_ps(acc + d0 + 8 * i, a[i]);
+  }
+}
+
+template <typename KV, typename Out>
+void attend_impl(const at::Tensor& q_w, const at::Tensor& q_s, const at::Tensor& pool_k,
+                 const at::Tensor& pool_v, const at::Tensor& slots, const at::Tensor& sinks,
+                 const at::Tensor& bias, int64_t L, at::Tensor& out) {
+  const int64_t B = q_w.size(0), H = q_w.size(1), hd = q_w.size(2);
+  const int64_t kvh = pool_k.size(1), cap = pool_k.size(2);
+  const int64_t g = H / kvh;
+  const float* qw = q_w.data_ptr<float>();
+  const float* qs = q_s.defined() ? q_s.data_ptr<float>() : nullptr;
+  const KV* K = pool_k.data_ptr<KV>();
+  const KV* V = pool_v.data_ptr<KV>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t* sink = sinks.data_ptr<int64_t>();
+  const float* mask = bias.data_ptr<float>();
+  Out* o = out.data_ptr<Out>();
+  const int64_t L8 = (L + 7) / 8 * 8;
+  // one (row, kv head) per task, its g query heads together (each K/V row is read once); steps below
+  // ~32K multiply-adds stay on the calling thread, where a parallel region would cost more than it saves
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, L * hd * g));
+  at::parallel_for(0, B * kvh, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> score(g * L8), acc(g * hd);  // per task: probabilities, then outputs
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / kvh, kv = task % kvh;
+      const KV* Kh = K + ((slot[b] * kvh + kv) * cap) * hd;
+      const KV* Vh = V + ((slot[b] * kvh + kv) * cap) * hd;
+      const float* m = mask + b * L;
+      const float* qw_h = qw + (b * H + kv * g) * hd;  // the group's g heads, consecutive
+      const float* qs_h = qs ? qs + (b * H + kv * g) * hd : qw_h;
+      const int64_t S = qs ? std::min<int64_t>(sink[b], L) : 0;
+      for (int64_t h = 0; h < g; ++h) {
+        float* sc = score.data() + h * L8;
+        int64_t j = 0;
+        for (; j < S; ++j) sc[j] = dot(qs_h + h * hd, Kh + j * hd, hd) + m[j];  // sinks: cache positions
+        for (; j + 8 <= L; j += 8) {
+          _mm256_storeu_ps(sc + j, _mm256_add_ps(dot8(qw_h + h * hd, Kh + j * hd, hd), _mm256_loadu_ps(m + j)));
+        }
+        for (; j < L; ++j) sc[j] = dot(qw_h + h * hd, Kh + j * hd, hd) + m[j];
+      }
+      for (int64_t h = 0; h < g; ++h) {
+        float* sc = score.data() + h * L8;
+        for (int64_t j = L; j < L8; ++j) sc[j] = -INFINITY;
+        __m256 best = _mm256_set1_ps(-INFINITY);
+        for (int64_t j = 0; j < L8; j += 8) best = _mm256_max_ps(best, _mm256_loadu_ps(sc + j));
+        float top = -INFINITY;
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, best);
+        for (float x : lanes) top = std::max(top, x);
+        const __m256 shift = _mm256_set1_ps(top);
+        __m256 total = _mm256_setzero_ps();
+        for (int64_t j = 0; j < L8; j += 8) {
+          __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j), shift));
+          _mm256_storeu_ps(sc + j, p);
+          total = _mm256_add_ps(total, p);
+        }
+        const float inv = 1.f / hsum(total);
+        for (int64_t j = 0; j < L; ++j) sc[j] *= inv;
+      }
+      for (int64_t h = 0; h < g; ++h) weigh_values(score.data() + h * L8, Vh, L, hd, acc.data() + h * hd);
+      for (int64_t h = 0; h < g; ++h) {
+        Out* dst = o + (b * H + kv * g + h) * hd;
+        for (int64_t d = 0; d < hd; ++d) dst[d] = from_f<Out>(acc[h * hd + d]);
+      }
+    }
+  });
+}
+
+// One query row per session over its slot's first L entries: q_s scores the session's sink entries,
+// q_w the rest; bias masks empty entries. Returns [B, H * hd] in `out_dtype` (bf16 feeds a quantized o).
+at::Tensor attend(const at::Tensor& q_w, const c10::optional<at::Tensor>& q_sink, const at::Tensor& pool_k,
+                  const at::Tensor& pool_v, const at::Tensor& slots, const at::Tensor& sinks,
+                  const at::Tensor& bias, int64_t L, bool out_bf16) {
+  TORCH_CHECK(q_w.is_contiguous() && pool_k.is_contiguous() && pool_v.is_contiguous(), "contiguous inputs");
+  TORCH_CHECK(bias.is_contiguous() && bias.size(1) == L && bias.scalar_type() == at::kFloat, "bias [B, L]");
+  TORCH_CHECK(L <= pool_k.size(2), "L within the slot");
+  const at::Tensor q_s = q_sink.has_value() ? *q_sink : at::Tensor();
+  TORCH_CHECK(!q_s.defined() || (q_s.is_contiguous() && q_s.sizes() == q_w.sizes()), "q_s matches q_w");
+  TORCH_CHECK(q_w.size(2) % 8 == 0 && q_w.size(1) % pool_k.size(1) == 0, "head_dim a multiple of 8, GQA groups");
+  TORCH_CHECK(q_w.size(1) / pool_k.size(1) <= kMaxGroup, "query heads per KV head");
+  const int64_t B = q_w.size(0), H = q_w.size(1), hd = q_w.size(2);
+  at::Tensor out = at::empty({B, H * hd}, q_w.options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
+  const bool kv_bf16 = pool_k.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(kv_bf16 || pool_k.scalar_type() == at::kFloat, "the pool is fp32 or bf16");
+  if (kv_bf16 && out_bf16) {
+    attend_impl<c10::BFloat16, c10::BFloat16>(q_w, q_s, pool_k, pool_v, slots, sinks, bias, L, out);
+  } else if (kv_bf16) {
+    attend_impl<c10::BFloat16, float>(q_w, q_s, pool_k, pool_v, slots, sinks, bias, L, out);
+  } else if (out_bf16) {
+    attend_impl<float, c10::BFloat16>(q_w, q_s, pool_k, pool_v, slots, sinks, bias, L, out);
+  } else {
+    attend_impl<float, float>(q_w, q_s, pool_k, pool_v, slots, sinks, bias, L, out);
+  }
+  return out;
+}
+
+template <typename Y>
+void add_rms_norm_impl(at::Tensor& x, const at::Tensor& y, const at::Tensor& w, double eps, at::Tensor& out) {
+  const int64_t N = x.size(0), D = x.size(1);
+  float* res = x.data_ptr<float>();
+  const Y* add = y.defined() ? y.data_ptr<Y>() : nullptr;
+  const float* gain = w.data_ptr<float>();
+  const bool bf16 = out.scalar_type() == at::kBFloat16;
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      float* r = res + n * D;
+      if (add != nullptr) {
+        for (int64_t d = 0; d < D; ++d) r[d] += to_f(add[n * D + d]);
+      }
+      float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t d = 0; d < D; ++d) ss += r[d] * r[d];
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+      if (bf16) {
+        c10::BFloat16* o = out.data_ptr<c10::BFloat16>() + n * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = c10::BFloat16(r[d] * inv * gain[d]);
+      } else {
+        float* o = out.data_ptr<float>() + n * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = r[d] * inv * gain[d];
+      }
+    }
+  });
+}
+
+// The residual add and the next RMSNorm in one pass: x += y (in place; y fp32 or bf16, or None), then
+// returns rms_norm(x) * w computed in fp32, written in fp32 or bf16 (the next quantized kernel's input).
+at::Tensor add_rms_norm_(at::Tensor x, const c10::optional<at::Tensor>& y, const at::Tensor& w, double eps,
+                         bool out_bf16) {
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "fp32");
+  at::Tensor out = at::empty_like(x, x.options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
+  if (!y.has_value()) {
+    add_rms_norm_impl<float>(x, at::Tensor(), w, eps, out);
+    return out;
+  }
+  const at::Tensor& add = *y;
+  TORCH_CHECK(add.is_contiguous() && add.sizes() == x.sizes(), "y matches x");
+  if (add.scalar_type() == at::kBFloat16) {
+    add_rms_norm_impl<c10::BFloat16>(x, add, w, eps, out);
+  } else {
+    TORCH_CHECK(add.scalar_type() == at::kFloat, "y is fp32 or bf16");
+    add_rms_norm_impl<float>(x, add, w, eps, out);
+  }
+  return out;
+}
+
+template <typename T>
+void silu_mul_impl(const at::Tensor& gu, at::Tensor& out) {
+  const int64_t N = gu.size(0), F = gu.size(1) / 2;
+  const T* src = gu.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
+    alignas(32) float lanes[8];
+    for (int64_t n = begin; n < end; ++n) {
+      const T* g = src + n * 2 * F;
+      const T* u = g + F;
+      int64_t f = 0;
+      for (; f + 8 <= F; f += 8) {
+        const __m256 x = load8(g + f);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+        _mm256_store_ps(lanes, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), e)), load8(u + f)));
+        for (int i = 0; i < 8; ++i) dst[n * F + f + i] = from_f<T>(lanes[i]);
+      }
+      for (; f < F; ++f) {
+        const float x = to_f(g[f]);
+        dst[n * F + f] = from_f<T>(x / (1.f + std::exp(-x)) * to_f(u[f]));
+      }
+    }
+  });
+}
+
+// silu(gate) * up for gate|up [N, 2F] -> [N, F], in the input's dtype, computed in fp32.
+at::Tensor silu_mul(const at::Tensor& gu) {
+  TORCH_CHECK(gu.is_contiguous() && gu.size(1) % 2 == 0, "gate|up [N, 2F]");
+  at::Tensor out = at::empty({gu.size(0), gu.size(1) / 2}, gu.options());
+  if (gu.scalar_type() == at::kBFloat16) {
+    silu_mul_impl<c10::BFloat16>(gu, out);
+  } else {
+    TORCH_CHECK(gu.scalar_type() == at::kFloat, "gate|up is fp32 or bf16");
+    silu_mul_impl<float>(gu, out);
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rope_write", &rope_write, "rotate q twice and k, scale q, write k/v into the pool rows");
+  m.def("attend", &attend, "one-row-per-session attention over sink+window slots");
+  m.def("add_rms_norm_", &add_rms_norm_, "x += y in place, then RMSNorm in fp32, output fp32 or bf16");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up");
+}

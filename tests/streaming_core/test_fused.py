@@ -1,0 +1,122 @@
+"""The fused CPU decode kernels (streaming_core/fused) compute what the eager decode path computes.
+
+Two pools follow the same teacher-forced streams, one stepping through the eager ops and one through the
+kernels: logits and every KV entry stay equal (up to summation order, and to one bf16 rounding fewer in
+SiLU-and-multiply where the weights are quantized), across fill buckets, eviction, slots that are not a
+contiguous range, per-session sink counts and bf16 KV.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from streaming_core import fused
+from streaming_core.attention import StepContext
+from streaming_core.batch import SeqChunk
+from streaming_core.config import CacheConfig
+from streaming_core.kv_pool import KVPool
+from streaming_core.models import build_model
+
+from .helpers import tiny_llama
+
+CACHE = CacheConfig(sink_tokens=4, window=28, num_slots=4)
+
+
+@pytest.fixture(scope="module")
+def kernels(streamllm_data_dir: Path):
+    reason = fused.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"fused kernels cannot be built here: {reason}")
+    module = fused.load(streamllm_data_dir / "torch-extensions")
+    assert module is not None, "a machine with a compiler and AVX2 must build the kernels (see the log)"
+    return module
+
+
+def _step(model, pool: KVPool, decode: list[SeqChunk], prefill: list[SeqChunk], kernels) -> torch.Tensor:
+    ids = torch.tensor([t for c in decode + prefill for t in c.tokens])  # [N]
+    ctx = StepContext(pool, model.spec, decode, prefill, kernels)
+    assert (ctx.fused is not None) == (kernels is not None and not prefill)
+    with torch.inference_mode():
+        hidden = model.forward(ids, ctx)
+        ctx.finish(prefill)
+        return model.project(hidden)  # [N, V]
+
+
+def _token(slot: int, t: int) -> int:
+    return (7 * slot + 3 * t * t + 11) % 128
+
+
+@pytest.mark.parametrize(
+    ("weights", "kv_dtype", "tol"),
+    [
+        ("dense", torch.float32, 2e-5),
+        ("dense", torch.bfloat16, 2e-3),  # a key 1 fp32 ulp off may round to the other bf16 neighbour
+        ("int8", torch.float32, 1e-3),
+        ("int4", torch.float32, 1e-3),
+    ],
+)
+def test_fused_decode_equals_eager(kernels, weights, kv_dtype, tol):
+    model = build_model(tiny_llama(), torch.float32, "cpu")
+    model.prepare(weights)
+    pools = [KVPool(CACHE, model.kv_shape, torch.float32, torch.device("cpu"), kv_dtype) for _ in range(2)]
+    slots, sinks = [0, 2, 3], {0: None, 2: 2, 3: 0}  # a gap in the slots; the pool's 4 sinks, 2 and none
+    prompt = 5
+    prefill = [SeqChunk(s, 0, tuple(_token(s, t) for t in range(prompt)), sinks=sinks[s]) for s in slots]
+    for pool in pools:
+        _step(model, pool, [], prefill, None)
+    # 55 decode steps: extents cross the 16- and 32-entry buckets, then the 32-entry slots evict
+    for t in range(prompt, prompt + 55):
+        decode = [SeqChunk(s, t, (_token(s, t),), sinks=sinks[s]) for s in slots]
+        want = _step(model, pools[0], decode, [], None)
+        got = _step(model, pools[1], decode, [], kernels)
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol, msg=lambda m, t=t: f"stream index {t}: {m}")
+    eager, fast = pools
+    torch.testing.assert_close(fast.pos, eager.pos)
+    kv_tol = 8e-3 if kv_dtype == torch.bfloat16 else tol  # one bf16 ulp
+    torch.testing.assert_close(fast.k.float(), eager.k.float(), atol=kv_tol, rtol=kv_tol)
+    torch.testing.assert_close(fast.v.float(), eager.v.float(), atol=kv_tol, rtol=kv_tol)
+
+
+def test_fused_decode_without_sinks(kernels):
+    """A pool without sinks scores every entry with the window query (no second rotation)."""
+    model = build_model(tiny_llama(seed=1), torch.float32, "cpu")
+    model.prepare("dense")
+    cache = CacheConfig(sink_tokens=0, window=32, num_slots=2)
+    pools = [KVPool(cache, model.kv_shape, torch.float32, torch.device("cpu")) for _ in range(2)]
+    for t in range(40):
+        decode = [SeqChunk(s, t, (_token(s, t),)) for s in (0, 1)]
+        want = _step(model, pools[0], decode, [], None)
+        torch.testing.assert_close(_step(model, pools[1], decode, [], kernels), want, atol=2e-5, rtol=2e-5)
+
+
+def test_kernels_match_their_torch_formulas(kernels):
+    """RMSNorm with the residual add, and SiLU-and-multiply, against torch, in fp32 and bf16 outputs."""
+    torch.manual_seed(0)
+    x, y, w = torch.randn(3, 96), torch.randn(3, 96), torch.randn(96)
+    want = torch.rms_norm(x + y, [96], w, 1e-5)
+    residual = x.clone()
+    torch.testing.assert_close(kernels.add_rms_norm_(residual, y, w, 1e-5, False), want)
+    torch.testing.assert_close(residual, x + y)  # updated in place
+    got = kernels.add_rms_norm_(x.clone(), y.bfloat16(), w, 1e-5, True)
+    assert got.dtype == torch.bfloat16
+    want_bf = torch.rms_norm(x + y.bfloat16().float(), [96], w, 1e-5).bfloat16()
+    torch.testing.assert_close(got, want_bf, atol=0, rtol=0)
+    gu = torch.randn(3, 2 * 100) * 6  # 100 features: the vector loop and its scalar tail
+    gate, up = gu.chunk(2, dim=-1)
+    torch.testing.assert_close(kernels.silu_mul(gu.contiguous()), torch.nn.functional.silu(gate) * up)
+    gb = gu.bfloat16()
+    ref = (torch.nn.functional.silu(gb.float()[:, :100]) * gb.float()[:, 100:]).bfloat16()
+    torch.testing.assert_close(kernels.silu_mul(gb), ref, atol=0, rtol=0)
+
+
+def test_unavailable_machine_gets_the_eager_path(monkeypatch, tmp_path):
+    """STREAMLLM_FUSED=0 (or no compiler, no AVX2) loads nothing; a step then runs the eager ops."""
+    monkeypatch.setenv("STREAMLLM_FUSED", "0")
+    assert fused.unavailable_reason() == "disabled by STREAMLLM_FUSED=0"
+    assert fused.load(tmp_path / "off") is None
+    model = build_model(tiny_llama(), torch.float32, "cpu")
+    model.prepare("dense", fused_dir=tmp_path / "off")
+    assert model.fused is None
