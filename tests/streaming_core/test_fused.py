@@ -120,3 +120,13 @@ def test_unavailable_machine_gets_the_eager_path(monkeypatch, tmp_path):
     model = build_model(tiny_llama(), torch.float32, "cpu")
     model.prepare("dense", fused_dir=tmp_path / "off")
     assert model.fused is None
+
+
+def test_prebuilt_copy_loads_without_a_compiler(kernels, monkeypatch, streamllm_data_dir, tmp_path):
+    """An image ships the kernels built by its build stage and no compiler: the copy is imported as is,
+    and a root without one gives the eager path."""
+    monkeypatch.setattr(fused, "_loaded", {})
+    monkeypatch.setattr(fused.shutil, "which", lambda *_a, **_k: None)  # no c++, no ninja
+    module = fused.load(streamllm_data_dir / "torch-extensions")
+    assert module is not None and callable(module.attend)
+    assert fused.load(tmp_path / "empty") is None
