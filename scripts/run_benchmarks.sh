@@ -20,10 +20,16 @@ if [ "${1:-all}" = all ] || [ "$1" = ppl ]; then
   done
 fi
 if [ "${1:-all}" = all ] || [ "$1" = engine ]; then
-  $s bench decode --batch-sizes 1,8,32 --tokens 64 --weights dense --json --plot "$out/decode_dense.png" | tee "$out/decode_dense.log"
-  last "$out/decode_dense"
-  $s bench decode --batch-sizes 1,8,32 --tokens 64 --json --plot "$out/decode_int8.png" | tee "$out/decode_int8.log"
-  last "$out/decode_int8"
+  # the README's A/B: eager (STREAMLLM_FUSED=0) and fused, per precision; the default is fused int4
+  for cfg in eager_int8 eager_int4 fused_int4 fused_int8 fused_dense; do
+    fused=1 plot=""
+    if [ "${cfg%%_*}" = eager ]; then fused=0; fi
+    if [ "$cfg" = fused_int4 ]; then plot="--plot $out/decode_fused.png"; fi
+    # shellcheck disable=SC2086  # $plot is empty or two words
+    STREAMLLM_FUSED=$fused $s bench decode --batch-sizes 1,16,32 --tokens 128 --window 1020 \
+      --weights "${cfg#*_}" --json $plot | tee "$out/decode_ab_$cfg.log"
+    last "$out/decode_ab_$cfg"
+  done
   $s bench latency --cache-sizes 256,512,1024 --json --plot "$out/latency.png" | tee "$out/latency.log"
   last "$out/latency"
   $s bench memory --tokens 20000 --json --plot "$out/memory.png" | tee "$out/memory.log"
@@ -64,7 +70,7 @@ if [ "${1:-all}" = all ] || [ "$1" = quality ]; then
   $s eval streameval --modes sink,window,dense,recompute --lines 500 --lag 1 --every 10 --recompute-lines 150 \
     --sinks 4 --window 1020 --group 5 --json --plot "$out/streameval_lag1.png" | tee "$out/streameval_lag1.log"
   last "$out/streameval_lag1"
-  $s bench endless --turns 160 --words 70 --max-tokens 12 --span 40 --json --plot "$out/endless.png" \
+  $s bench endless --turns 2000 --words 70 --max-tokens 12 --span 100 --json --plot "$out/endless.png" \
     | tee "$out/endless.log"
   last "$out/endless"
 fi

@@ -52,7 +52,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--weights",
         default="auto",
         choices=["auto", "dense", "int8", "int4"],
-        help="matmul weight precision; auto: int8 weight-only on CPU, dense elsewhere",
+        help="matmul weight precision; auto: on CPU int4 for a 4-bit GGUF (the default model), else int8; dense elsewhere",
     )
 
 

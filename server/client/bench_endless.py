@@ -1,6 +1,7 @@
 """`streamllm bench endless`: one conversation of thousands of turns through the HTTP API, delta mode.
 
-Each turn sends only its new user message (a book passage and a question; `session_mode: delta`) and
+Each turn sends only its new user message (a book passage and a question; `session_mode: delta`; turn i
+reads book i mod 3, so that the first and the last span of turns carry the same mix of text) and
 streams a short greedy reply. Per turn: time to first token and the gaps between content chunks (ITL),
 the usage counts, the reply's tokens (logprobs) to spot degenerate replies (empty, or one token
 repeated). Every `--rss-every` turns: the server's resident memory (from /proc for a server this
@@ -165,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     from openai import OpenAI
 
     books = tuple(sorted(BOOKS.glob("*.txt")))
-    prompts = user_messages(args.turns, args.words, books, QUESTIONS)
+    prompts = user_messages(args.turns, args.words, books, QUESTIONS, interleave=True)
     session = f"endless-{uuid.uuid4().hex[:8]}"
     turns: list[dict[str, Any]] = []
     rss: list[tuple[int, float]] = []

@@ -39,16 +39,24 @@ def add_parser(sub: Any) -> None:
 
 
 def user_messages(
-    turns: int, words: int, books: tuple[Path, ...] = (BOOK,), questions: tuple[str, ...] = QUESTIONS
+    turns: int,
+    words: int,
+    books: tuple[Path, ...] = (BOOK,),
+    questions: tuple[str, ...] = QUESTIONS,
+    interleave: bool = False,
 ) -> list[str]:
     """Consecutive passages of public-domain books (read as one text, from the start again at its end),
-    each followed by a question about it, the questions in turn."""
-    text = [w for book in books if book.exists() for w in book.read_text(encoding="utf-8").split()]
-    text = text or ["streaming"] * words
-    start = 1000 % len(text)
+    each followed by a question about it, the questions in turn. `interleave`: turn i reads the next
+    passage of book i mod len(books) instead, so that any run of turns mixes the books (and their token
+    counts per word: Finnish takes ~2.5x English's) alike."""
+    texts = [w for book in books if book.exists() for w in [book.read_text(encoding="utf-8").split()] if w]
+    texts = texts or [["streaming"] * words]
+    if not interleave:
+        texts = [[w for text in texts for w in text]]
     passages = []
     for i in range(turns):
-        first = start + i * words
+        text = texts[i % len(texts)]
+        first = 1000 % len(text) + (i // len(texts)) * words
         passage = " ".join(text[j % len(text)] for j in range(first, first + words))
         passages.append(f"{passage}\n{questions[i % len(questions)]}")
     return passages

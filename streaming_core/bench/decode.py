@@ -31,6 +31,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length per session")
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--window", type=int, default=252)
+    p.add_argument(
+        "--kv-dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="KV pool storage (engine.kv_dtype)",
+    )
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     p.add_argument("--plot", help="write a PNG of tok/s against batch size")
     add_model_args(p)
@@ -39,7 +45,7 @@ def add_parser(sub: Any) -> None:
 
 def bench_engine(loaded: Any, batch: int, args: argparse.Namespace) -> dict[str, float]:
     cache = CacheConfig(args.sinks, args.window, num_slots=batch, prefill_chunk=256)
-    config = EngineConfig(cache=cache, max_batch_tokens=max(512, batch))
+    config = EngineConfig(cache=cache, max_batch_tokens=max(512, batch), kv_dtype=args.kv_dtype)
     from ..loader import eos_token_ids
 
     engine = Engine(loaded.model, loaded.tokenizer, config, eos_token_ids(loaded.tokenizer, loaded.hf_config))
@@ -114,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append(("hf generate (1, float32)", fp32, 1000 / fp32, fp32 / base))
     caption = (
         f"{loaded.name}, {device}, {dtype}, weights {results.get('weights', 'plain')}, "
-        f"cache {args.sinks}+{args.window}, {args.tokens} tokens/session"
+        f"cache {args.sinks}+{args.window} ({args.kv_dtype} KV), {args.tokens} tokens/session"
     )
     print_table("decode throughput", ["sessions", "tok/s", "ms/step", f"x vs {sizes[0]}"], rows, caption)
     if args.plot:

@@ -13,6 +13,7 @@ import pytest
 
 from server.cli import main
 from server.client.bench_endless import counter_checks, degenerate, p99, spans
+from server.client.bench_multiturn import user_messages
 
 from .conftest_http import LiveServer, make_settings
 from .tiny import tiny_engine
@@ -31,6 +32,21 @@ def live(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Iterator[L
 
 def last_json(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_interleaved_turns_take_the_books_in_turn(tmp_path: Path) -> None:
+    """Turn i reads book i mod 3, each from where its last passage stopped: every span mixes the books alike
+    (the endless benchmark compares its first and last spans); without interleaving the books follow
+    each other as one text."""
+    books = []
+    for name in ("a", "b", "c"):
+        books.append(tmp_path / f"{name}.txt")
+        books[-1].write_text(" ".join(f"{name}{i}" for i in range(50)))
+    turns = user_messages(6, 2, tuple(books), ("Q?",), interleave=True)
+    assert [t.split()[0][0] for t in turns] == ["a", "b", "c", "a", "b", "c"]
+    assert turns[0].startswith("a0 a1\n") and turns[3].startswith("a2 a3\n")  # 1000 % 50 == 0: from word 0
+    plain = user_messages(3, 2, tuple(books), ("Q?",))
+    assert [t.split()[0] for t in plain] == ["c0", "c2", "c4"]  # one 150-word text, from word 1000 % 150
 
 
 def test_degenerate_replies() -> None:

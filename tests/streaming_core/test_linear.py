@@ -89,11 +89,15 @@ def test_dense_prepared_model_equals_the_plain_one():
 
 
 def _snap_to_q4_1(hf_model) -> None:
-    """Put every matmul weight on a GGUF Q4_1 grid (blocks of 32: codes 0..15 between the block's minimum
-    and maximum), as the embedded model's weights are."""
+    """Put every layer matmul weight on a GGUF Q4_1 grid (blocks of 32: codes 0..15 between the block's
+    minimum and maximum), as the embedded model's weights are, and the LM head on an 8-bit grid (the
+    GGUF keeps it at Q8_0; int4 mode runs it at int8)."""
     with torch.no_grad():
         for name, p in hf_model.named_parameters():
-            if p.dim() == 2 and "embed" not in name:
+            if name == "lm_head.weight":
+                scale = p.abs().amax(dim=1, keepdim=True) / 127
+                p.copy_(torch.round(p / scale) * scale)
+            elif p.dim() == 2 and "embed" not in name:
                 g = p.view(p.shape[0], -1, 32)
                 lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
                 d = (hi - lo) / 15
@@ -117,7 +121,8 @@ def test_int8_model_stays_close_to_dense():
 
 
 def test_int4_model_of_q4_1_weights_stays_close_to_dense():
-    """On Q4_1-grid weights (the GGUF's), int4 differs from dense only by the bf16 offset and activations."""
+    """On Q4_1-grid layers and an 8-bit head (the GGUF's), int4 differs from dense only by the bf16 scales,
+    offsets and activations."""
     hf = tiny_llama()
     _snap_to_q4_1(hf)
     _assert_close_to_dense(hf, "int4")
