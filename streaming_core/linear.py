@@ -156,10 +156,6 @@ class Linear:
         self._by_bucket = [kernels[name] for name in choice]
         self._bf16_in = [name.startswith("int") and not name.endswith("-f32") for name in choice]
 
-    def takes_bf16(self, rows: int) -> bool:
-        """Whether the kernel for `rows` computes from bf16 activations (it casts its input when not)."""
-        return self._bf16_in[bucket_index(rows)]
-
     def at(self, bucket: int) -> tuple[Kernel, bool]:
         """The kernel of ROW_BUCKETS[bucket] and whether it takes bf16: for a caller that buckets once a step."""
         return self._by_bucket[bucket], self._bf16_in[bucket]

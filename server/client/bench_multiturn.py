@@ -49,8 +49,8 @@ def user_messages(
     each followed by a question about it, the questions in turn. `interleave`: turn i reads the next
     passage of book i mod len(books) instead, so that any run of turns mixes the books (and their token
     counts per word: Finnish takes ~2.5x English's) alike."""
-    texts = [w for book in books if book.exists() for w in [book.read_text(encoding="utf-8").split()] if w]
-    texts = texts or [["streaming"] * words]
+    texts = [book.read_text(encoding="utf-8").split() for book in books if book.exists()]
+    texts = [text for text in texts if text] or [["streaming"] * words]
     if not interleave:
         texts = [[w for text in texts for w in text]]
     passages = []

@@ -82,8 +82,7 @@ class LlamaModel(DecoderModel):
     has_fused_decode = True
 
     def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        # prepared weights and a decode step on the CPU (reference attentions in the tests have no kernels)
-        if getattr(ctx, "fused", None) is not None and self.head is not None:
+        if ctx.fused is not None and self.head is not None:  # prepared weights, a decode step on the CPU
             return self._fused_forward(input_ids, ctx)
         return super().forward(input_ids, ctx)
 

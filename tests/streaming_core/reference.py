@@ -29,6 +29,9 @@ def _rotate(x: torch.Tensor, positions: torch.Tensor, spec: PositionalSpec) -> t
 class NaiveStreamingAttention:
     """Batch-1, one token per forward; `attend` has the signature layers expect from a step context."""
 
+    fused = None
+    """A step context's compiled kernels: the reference has none, so models take their eager path."""
+
     def __init__(self, spec: PositionalSpec, layers: int, sink_tokens: int, window: int) -> None:
         self.spec, self.S, self.W = spec, sink_tokens, window
         self.keys: list[list[torch.Tensor]] = [[] for _ in range(layers)]
