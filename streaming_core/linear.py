@@ -6,7 +6,9 @@ activations wins at a few rows and loses badly at 32; a CPU with AMX changes the
 nothing is guessed: `prepare_linears` times every candidate of the configured precision on one weight
 of each role (qkv, o, gate_up, ...) for each row bucket, keeps only the layouts that win somewhere,
 and logs the table. The precision itself is a config choice (see `WEIGHT_MODES`), never a per-bucket
-one: every kernel of a precision multiplies by the same weights.
+one: every kernel of a precision multiplies by the same weights, up to bf16 rounding (int4's bf16 GEMM
+rounds the dequantized weights to bf16, relative 2^-9, as its other kernel rounds the activations).
+Where oneDNN can pack a weight in its own blocked layout (AMX, AVX512-BF16), the GEMM candidates use it.
 """
 
 from __future__ import annotations
@@ -69,6 +71,44 @@ def _bf16(x: torch.Tensor) -> torch.Tensor:
 # the resolved overloads: calling them skips the packet's overload lookup, ~1 us a call in a decode step
 _INT8_MM = torch.ops.aten._weight_int8pack_mm.default
 _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+_PACK: Any = None
+_PACKED_MM: Any = None
+with contextlib.suppress(AttributeError, RuntimeError):  # oneDNN's prepacked linear, absent from some builds
+    _PACK = torch.ops.mkldnn._reorder_linear_weight.default
+    _PACKED_MM = torch.ops.mkldnn._linear_pointwise.default
+
+
+def onednn_packing(dtype: torch.dtype) -> bool:
+    """Whether oneDNN can hold a weight of `dtype` in its own blocked layout on this CPU (AMX/AVX512-BF16
+    for bf16): then it reads it as stored, where `torch.mm` re-lays a plain weight out on every call
+    (measured on a 2-core AMX box: bf16 gate|up at 32 rows 0.22 ms packed, 0.31 plain; the LM head at
+    one row 1.3 ms packed, 3.0 plain)."""
+    if _PACK is None or not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (
+        dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+def _gemm(w: torch.Tensor) -> Kernel:
+    """x [N, in] -> x @ w.T for w [out, in] in its own dtype (x cast to it), in oneDNN's packed layout
+    where it has one, else pre-transposed for torch.mm."""
+    if w.device.type == "cpu" and onednn_packing(w.dtype):
+        packed = _PACK(w.contiguous())
+        if w.dtype == torch.bfloat16:
+            return lambda x: _PACKED_MM(_bf16(x), packed, None, "none", [], "")
+        return lambda x: _PACKED_MM(x if x.dtype == w.dtype else x.to(w.dtype), packed, None, "none", [], "")
+    wt = w.t().contiguous()
+    return lambda x: torch.mm(x if x.dtype == wt.dtype else x.to(wt.dtype), wt)
+
+
+def _with_bias(mm: Kernel, b: torch.Tensor | None) -> Kernel:
+    return mm if b is None else lambda x: mm(x) + b
+
+
+def _dense_packed(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
+    """The weight as stored, in oneDNN's layout: the same fp32 products as BLAS, summed in its order."""
+    return _with_bias(_gemm(w), b)
 
 
 def _int8_bf16act(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
@@ -87,14 +127,9 @@ def _int8_codes_bf16(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
     per output channel afterwards, multiplies by the same weights as the int8 kernel; on CPUs with AMX or
     AVX512-BF16 it is the fastest way to many rows, elsewhere the measurement rules it out."""
     q8 = quantize_int8(w)
-    qt = q8.q.to(device=w.device, dtype=torch.bfloat16).t().contiguous()  # [in, out]
+    mm = _gemm(q8.q.to(device=w.device, dtype=torch.bfloat16))
     s = q8.scales.to(device=w.device, dtype=torch.bfloat16)
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        y = torch.mm(_bf16(x), qt) * s  # [N, out] bf16 (Linear casts)
-        return y if b is None else y + b
-
-    return run
+    return _with_bias(lambda x: mm(x) * s, b)  # [N, out] bf16 (Linear casts)
 
 
 def _int4_kernel(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
@@ -118,12 +153,33 @@ def _dequantized(
     return build
 
 
+def _dequantized_bf16(
+    quantize: Callable[[torch.Tensor], Any],
+) -> Callable[[torch.Tensor, torch.Tensor | None], Kernel]:
+    """The quantized weights, dequantized once and rounded to bf16, through the bf16 GEMM: on a CPU with
+    AMX or AVX512-BF16 the fastest way to many rows (4-6x the fp32 GEMM at 32 rows on one such box).
+    The rounding is relative 2^-9 per weight, the size of the bf16 rounding the int4 kernel already
+    applies to its activations; elsewhere the measurement rules it out."""
+
+    def build(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
+        dq = quantize(w).dequantized().to(device=w.device, dtype=torch.bfloat16)
+        return _with_bias(_gemm(dq), b)  # [N, out] bf16 (Linear casts)
+
+    return build
+
+
 def candidates(
     mode: str, weight: torch.Tensor
 ) -> dict[str, Callable[[torch.Tensor, torch.Tensor | None], Kernel]]:
     """Kernels that compute `mode`'s weights for this weight on its device."""
     if mode == "dense":
-        return {"dense-nn": _dense_nn, "dense-nt": _dense_nt}
+        kernels: dict[str, Callable[[torch.Tensor, torch.Tensor | None], Kernel]] = {
+            "dense-nn": _dense_nn,
+            "dense-nt": _dense_nt,
+        }
+        if weight.device.type == "cpu" and onednn_packing(weight.dtype):
+            kernels["dense-packed"] = _dense_packed
+        return kernels
     if weight.device.type != "cpu":
         raise ValueError(
             f"weights mode {mode!r} uses torch's CPU kernels; use 'dense' on {weight.device.type}"
@@ -137,7 +193,11 @@ def candidates(
     if mode == "int4":
         if not int4_supported(weight):
             return candidates("int8", weight)
-        return {"int4-bf16act": _int4_kernel, "int4-dequant-f32": _dequantized(quantize_int4)}
+        return {
+            "int4-bf16act": _int4_kernel,
+            "int4-dequant-f32": _dequantized(quantize_int4),
+            "int4-dequant-bf16": _dequantized_bf16(quantize_int4),
+        }
     raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}; got {mode!r}")
 
 
@@ -251,33 +311,36 @@ def tune(
     """Per bucket, the fastest kernel for a role's weights; returns the built kernels, the choice and timings.
 
     Candidates are timed in interleaved rounds and scored by their best round: a noisy neighbour only
-    ever adds time, and interleaving spreads its bursts over all candidates. A candidate more than 4x
-    slower than the best stops being timed at larger buckets (costs only grow with rows).
+    ever adds time, and interleaving spreads its bursts over all candidates. Every candidate is timed at
+    every bucket: a kernel 5x slower at one row can win at 32 (AMX's bf16 GEMM costs about the same at
+    1 and 32 rows, the int4 kernel's cost grows with each row), so no early loss rules one out.
     """
     w0 = weights[0][0]
     built = {name: [make(w, b) for w, b in weights] for name, make in candidates(mode, w0).items()}
-    alive = list(built)
     choice: list[str] = []
     timings: list[dict[str, float]] = []
     for rows in buckets:
         x = torch.randn(rows, w0.shape[1], dtype=w0.dtype, device=w0.device)
-        for name in alive:
+        for name in built:
             built[name][0](x)  # warm-up: first-call allocations and kernel selection
-        best = dict.fromkeys(alive, float("inf"))
+        best = dict.fromkeys(built, float("inf"))
         # Many rows are compute-bound, where caches stop mattering: a few layers tell as much as all.
         span = len(weights) if rows <= 64 else min(4, len(weights))
         for _ in range(rounds):
-            for name in alive:
+            for name in built:
                 best[name] = min(best[name], _pass_ms(built[name][:span], x))
         winner = min(best, key=best.__getitem__)
         choice.append(winner)
         timings.append(best)
-        alive = [n for n in alive if best[n] <= 4 * best[winner]]
     return built, choice, timings
 
 
+_SOURCE_DIGEST = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
 def _machine_key(mode: str, by_role: dict[str, list[LinearSlot]]) -> str:
-    """What a tuning result depends on: the CPU, torch, its threads, the precision and every role's shapes."""
+    """What a tuning result depends on: the CPU, torch, its threads, the precision, every role's shapes
+    and this module's source (a changed kernel is measured again, even under its old name)."""
     cpu = platform.processor()
     with contextlib.suppress(OSError):  # model name and flags: VMs often share a generic model name
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -287,7 +350,8 @@ def _machine_key(mode: str, by_role: dict[str, list[LinearSlot]]) -> str:
         for r, g in by_role.items()
     ]
     text = json.dumps(
-        [cpu, os.cpu_count(), torch.__version__, torch.get_num_threads(), mode, shapes], default=str
+        [cpu, os.cpu_count(), torch.__version__, torch.get_num_threads(), mode, shapes, _SOURCE_DIGEST],
+        default=str,
     )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -316,12 +380,13 @@ def prepare_linears(
         role_mode = role_precision(mode, role)
         builders = candidates(role_mode, weights[0][0])
         entry = cached.get(role)
-        if entry and len(entry["choice"]) == len(buckets) and set(entry["choice"]) <= set(builders):
+        # a choice made among other candidates (an older release's) is measured again
+        if entry and len(entry["choice"]) == len(buckets) and entry.get("candidates") == sorted(builders):
             choice, timings = list(entry["choice"]), list(entry["timings"])
             built = {n: [builders[n](w, b) for w, b in weights] for n in set(choice)}
         else:
             built, choice, timings = tune(role_mode, weights, buckets, rounds)
-            cached[role] = {"choice": list(choice), "timings": timings}
+            cached[role] = {"choice": list(choice), "timings": timings, "candidates": sorted(builders)}
         for rows, best, times in zip(buckets, choice, timings, strict=True):
             report.rows.append((role, rows, best, times))
         choice += [choice[-1]] * (len(ROW_BUCKETS) - len(choice))

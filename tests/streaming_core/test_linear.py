@@ -3,6 +3,8 @@ measured and cached per machine, and quantized models stay close to the dense on
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -142,3 +144,27 @@ def test_every_int8_kernel_takes_a_bf16_product(kernel: str) -> None:
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=0.1, rtol=0.05)
     assert layer.native(x.bfloat16()).shape == (3, 24)
+
+
+def test_a_choice_made_among_other_candidates_is_measured_again(tmp_path, monkeypatch):
+    """A cache written when the precision had other kernels (an older release) must not pin the old choice."""
+    build_model(tiny_llama(), torch.float32, "cpu").prepare("int8", cache_dir=tmp_path)
+    (cache_file,) = tmp_path.glob("kernels-*.json")
+    stale = {
+        role: {**e, "candidates": ["int8-bf16act"]} for role, e in json.loads(cache_file.read_text()).items()
+    }
+    cache_file.write_text(json.dumps(stale))
+    measured: list[str] = []
+    real_tune = lin.tune
+
+    def counting_tune(mode, weights, buckets, rounds):
+        measured.append(mode)
+        return real_tune(mode, weights, buckets, rounds)
+
+    monkeypatch.setattr(lin, "tune", counting_tune)
+    build_model(tiny_llama(), torch.float32, "cpu").prepare("int8", cache_dir=tmp_path)
+    assert len(measured) == len(stale)
+    assert all(
+        e["candidates"] == sorted(candidates("int8", torch.zeros(8, 8)))
+        for e in json.loads(cache_file.read_text()).values()
+    )
