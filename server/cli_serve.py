@@ -45,6 +45,10 @@ class GracefulServer(uvicorn.Server):
 
 def make_server(app: FastAPI, host: str, port: int, **config: Any) -> GracefulServer:
     """A GracefulServer for `app` (uvicorn.Config keyword arguments in `config`)."""
+    # asyncio's loop (asyncio.run in `run`) and h11, even where uvloop and httptools are installed: with
+    # them one stream got 56-59 tok/s against 63-68, 16 streams 243 against 253-259 (two interleaved rounds
+    # on a 2-core box, docs/perf-notes.md); the engine thread and the loop share the GIL either way
+    config = {"http": "h11", **config}
     uv = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=5, **config)
     return GracefulServer(uv, app.state.lifecycle)
 
