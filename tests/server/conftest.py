@@ -20,7 +20,7 @@ from streaming_core.loader import LoadedModel, eos_token_ids, load_model
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server = EmbeddedRedis(tmp_path_factory.mktemp("redis-data"))
     yield server.start()
-    server.stop()
+    server.stop(force=True)
 
 
 @pytest.fixture(scope="session")

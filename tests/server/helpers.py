@@ -28,7 +28,7 @@ def freezable_redis(data_dir: Any, **options: Any) -> Iterator[EmbeddedRedis]:
     finally:
         if server.pid:
             os.kill(server.pid, signal.SIGCONT)
-        server.stop()
+        server.stop(force=True)
 
 
 @dataclass
