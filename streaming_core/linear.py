@@ -93,13 +93,10 @@ def onednn_packing(dtype: torch.dtype) -> bool:
 def _gemm(w: torch.Tensor) -> Kernel:
     """x [N, in] -> x @ w.T for w [out, in] in its own dtype (x cast to it), in oneDNN's packed layout
     where it has one, else pre-transposed for torch.mm."""
-    if w.device.type == "cpu" and onednn_packing(w.dtype):
-        packed = _PACK(w.contiguous())
-        if w.dtype == torch.bfloat16:
-            return lambda x: _PACKED_MM(_bf16(x), packed, None, "none", [], "")
-        return lambda x: _PACKED_MM(x if x.dtype == w.dtype else x.to(w.dtype), packed, None, "none", [], "")
-    wt = w.t().contiguous()
-    return lambda x: torch.mm(x if x.dtype == wt.dtype else x.to(wt.dtype), wt)
+    if w.device.type != "cpu" or not onednn_packing(w.dtype):
+        return _dense_nn(w, None)
+    packed = _PACK(w.contiguous())
+    return lambda x: _PACKED_MM(x if x.dtype == w.dtype else x.to(w.dtype), packed, None, "none", [], "")
 
 
 def _with_bias(mm: Kernel, b: torch.Tensor | None) -> Kernel:
