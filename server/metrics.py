@@ -95,6 +95,13 @@ class Metrics:
             registry=r,
         )
         self.prompt_tokens = Counter("streamllm:prompt_tokens", "Prefilled tokens.", labels, registry=r)
+        self.reused_tokens = Counter(
+            "streamllm:prefix_reused_tokens",
+            "Prompt tokens whose KV was copied from a slot holding the same head (a shared system prompt) "
+            "instead of prefilled.",
+            labels,
+            registry=r,
+        )
         self.generation_tokens = Counter(
             "streamllm:generation_tokens", "Generated tokens.", labels, registry=r
         )

@@ -5,7 +5,7 @@
   last committed it (the session record's turn count matches): the session continues in delta mode, only
   the new input and any items added since (conversations) are prefilled.
 - The same thread when its session cannot be continued (expired, a committed item deleted, other
-  instructions): a new session for the thread, prefilled with all its items (cached_tokens 0).
+  instructions): a new session for the thread, prefilled with all its items (cached_tokens only what prefix reuse copied).
 - Chaining to an older response (a branch, a regenerate), or to a response of a conversation: a fork, a
   new chain thread whose items are a copy of the history up to that response, on a new session. The
   original thread and session are untouched, so both branches stay cheap to continue. Histories never mix.

@@ -179,6 +179,10 @@ class Turn:
         self.text += event.text
         if event.finish_reason is not None:
             self.final = event
+            # prompt tokens the engine copied from a slot holding the same head count as cached too (usage,
+            # and the session record that commit writes from the plan)
+            self.plan.cached_tokens += event.reused_tokens
+            m.reused_tokens.labels(name).inc(event.reused_tokens)
 
     async def _settle(self, final: TokenEvent) -> None:
         """Commit a completed turn, abandon any other; once, whoever gets here first. Shielded: a client

@@ -58,6 +58,18 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
+def fused_decode_possible(pool: KVPool, spec: PositionalSpec) -> bool:
+    """The fused CPU kernels take this pool and model: RoPE over the whole head, activations in fp32, KV in
+    fp32 or bf16, on the CPU."""
+    return (
+        spec.kind == "rope"
+        and pool.device.type == "cpu"
+        and pool.dtype == torch.float32
+        and pool.kv_dtype in (torch.float32, torch.bfloat16)
+        and spec.rotary_dim == pool.shape.head_dim
+    )
+
+
 def fill_bucket(extent: int, capacity: int) -> int:
     """Entries a step reads for a slot filled up to `extent`: the next power of two (at least 16), capped."""
     return min(capacity, max(16, 1 << max(extent - 1, 0).bit_length()))
@@ -146,16 +158,8 @@ class StepContext:
         """The compiled CPU kernels (streaming_core/fused) when this step can run on them: `attend_qkv`."""
 
     def _fusable(self) -> bool:
-        """Decode-only RoPE steps over the whole head, activations in fp32, KV in fp32 or bf16."""
-        return (
-            self.decode is not None
-            and not self.prefill
-            and self.spec.kind == "rope"
-            and self.pool.device.type == "cpu"
-            and self.pool.dtype == torch.float32
-            and self.pool.kv_dtype in (torch.float32, torch.bfloat16)
-            and self.spec.rotary_dim == self.pool.shape.head_dim
-        )
+        """Decode-only steps on a pool and model the kernels take (`fused_decode_possible`)."""
+        return self.decode is not None and not self.prefill and fused_decode_possible(self.pool, self.spec)
 
     # -- metadata -------------------------------------------------------------------------------
     def _heads_bias(self, dist: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
@@ -183,7 +187,9 @@ class StepContext:
         first = slot_ids[0]
         contiguous = slot_ids == list(range(first, first + len(slot_ids)))
         pos = pool.pos[slots, :length]  # [B, length] after the write
-        valid = pos >= 0
+        # a row sees entries up to its own stream index: rows of one prompt chunk (runner.py) are written
+        # together, and each must not see the chunk's later tokens; a lone decode row holds the newest
+        valid = (pos >= 0) & (pos <= t[:, None])
         p = valid.sum(-1) - 1  # [B]
         p_parts.append(p)
         dist = None  # only ALiBi reads distances; RoPE's bias is the mask alone

@@ -37,6 +37,9 @@ class BatchPlan:
     """Slots handed to sessions with no KV yet."""
     drop: tuple[str, ...] = ()
     """Sessions whose tier copies (host or disk) are no longer needed."""
+    share: tuple[tuple[int, int, int], ...] = ()
+    """(source slot, slot, n): a new session's first n entries are the source's (the same tokens from the
+    stream's start), copied before anything else moves; source == slot: they are already there."""
 
     @property
     def num_tokens(self) -> int:

@@ -22,6 +22,9 @@ class CacheConfig:
     disk_budget_bytes: int = 20 << 30
     """Disk under the data directory for sessions demoted from host (oldest dropped, then rebuilt,
     beyond it); 0, or an engine given no directory: no disk tier."""
+    prefix_reuse: bool = True
+    """A new session whose prompt starts with tokens another slot holds from its stream's start (a shared
+    system prompt, the previous stateless request's head) copies their KV instead of recomputing it."""
 
     def __post_init__(self) -> None:
         if self.sink_tokens < 0:

@@ -194,6 +194,7 @@ class Engine:
             for _ in range(n):
                 s.tail.pop()
             s.tokens_seen -= n
+            self.scheduler.truncated(s)
             return True
 
         return self.call(cut).result()
@@ -239,7 +240,9 @@ class Engine:
 
     def _fail_running(self, error: str) -> None:
         """End every running request with an error and forget its session: a failed step may have written
-        KV it never accounted for, so none of it is reused; the next turn rebuilds from the record."""
+        KV it never accounted for, so none of it is reused (nor shared by prefix reuse); the next turn rebuilds
+        from the record."""
+        self.scheduler.prefixes.clear()
         for req in list(self.scheduler.running):
             self._finish(req, "error", error=error)
             self.scheduler.close(req.session.id)
@@ -280,7 +283,7 @@ class Engine:
         to_sample: list[tuple[Request, torch.Tensor]] = []
         for i, w in enumerate(work):
             req = w.request
-            req.session.consume(w.tokens)
+            self.scheduler.consume(req.session, w.tokens)
             if w.decode:
                 req.pending = None
             else:
@@ -333,6 +336,7 @@ class Engine:
             self.tiers.discard(sid)
         event = TokenEvent(token, text, logprob, top or [], finish_reason=reason, error=error)
         event.prompt_tokens, event.completion_tokens = len(req.prompt), len(req.generated)
+        event.reused_tokens = req.reused
         req.stream.put(event)
 
     def _stats(self, session_id: str) -> SessionStats | None:

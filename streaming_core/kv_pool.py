@@ -83,6 +83,15 @@ class KVPool:
         self.pos[slot] = -1
         self.extent[slot] = 0
 
+    def share(self, source: int, slot: int, n: int) -> None:
+        """Make `slot` hold `source`'s first n entries and nothing else (stream tokens 0..n-1 at entries 0..n-1)."""
+        if source != slot:
+            self.k[:, slot, :, :n].copy_(self.k[:, source, :, :n])
+            self.v[:, slot, :, :n].copy_(self.v[:, source, :, :n])
+            self.pos[slot, :n].copy_(self.pos[source, :n])
+        self.pos[slot, n:] = -1
+        self.extent[slot] = n
+
     def restore(self, slot: int, snap: SlotSnapshot) -> None:
         """Write a snapshot into a (possibly different) slot: keys do not depend on the slot index."""
         self.k[:, slot].copy_(snap.k, non_blocking=True)

@@ -5,6 +5,14 @@ of the token budget with prompt chunks. Sessions own pool slots while they hold 
 session has no slot waits until one is free or an idle session is offloaded (least recently used).
 An offloaded slot is copied down off the hot path (kv_tiers.py): it stays `draining`, given to no one,
 until `release` hands it back; requests waiting for slots wait for it meanwhile, the running batch does not.
+
+Prefix reuse: while nothing is evicted, stream token t sits at entry t, and its KV depends only on tokens
+0..t. So the scheduler remembers, per slot (held, free or draining), the tokens of that leading run, and a
+new session whose prompt starts with some of them gets their KV copied (or keeps the slot, when it is free)
+instead of prefilling them: what a chunked prefill whose first chunk ended there would have written. At
+least the prompt's last token is always computed (its logits are sampled). A slot's run is cut back to its
+sinks when the ring first overwrites an entry, forgotten when the slot is cleared or restored, and every run
+is forgotten after a failed step.
 """
 
 from __future__ import annotations
@@ -47,7 +55,11 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.free_slots = list(range(cache.num_slots))
-        heapq.heapify(self.free_slots)
+        """Slots no session holds; the one handed out is the one with the shortest leading run."""
+        self.prefixes: dict[int, list[int]] = {}
+        """Per slot: the tokens at entries 0.. as a fresh stream wrote them (see the module docstring)."""
+        self.reused_tokens = 0
+        """Prompt tokens copied from a slot's leading run instead of prefilled, over the engine's life."""
         self.draining: set[int] = set()
         """Slots of offloaded sessions whose copy is still running."""
         self.offloads = 0
@@ -92,13 +104,13 @@ class Scheduler:
         if s is None:
             return []
         if s.slot is not None:
-            heapq.heappush(self.free_slots, s.slot)
+            self.free_slots.append(s.slot)
         return [s.id] if s.location is KVLocation.HOST else []
 
     def release(self, slot: int) -> None:
         """An offloaded slot's copy is done: it can be handed out again."""
         self.draining.discard(slot)
-        heapq.heappush(self.free_slots, slot)
+        self.free_slots.append(slot)
 
     def forget(self, session_id: str) -> None:
         """The tiers dropped this session's KV: forget it unless a turn has claimed it meanwhile (the server
@@ -116,7 +128,8 @@ class Scheduler:
         offload: list[tuple[str, int]] = []
         restore: list[tuple[str, int]] = []
         clear: list[int] = []
-        self._admit(offload, restore, clear)
+        share: list[tuple[int, int, int]] = []
+        self._admit(offload, restore, clear, share)
         budget = self.max_batch_tokens
         work: list[Scheduled] = []
         for r in self.running:
@@ -130,7 +143,8 @@ class Scheduler:
                 work.append(Scheduled(r, tuple(r.prompt[r.prefilled : r.prefilled + n]), False, done))
                 budget -= n
         chunks = tuple(self._chunk(w) for w in work)
-        return BatchPlan(chunks, tuple(offload), tuple(restore), tuple(clear)), work
+        plan = BatchPlan(chunks, tuple(offload), tuple(restore), tuple(clear), share=tuple(share))
+        return plan, work
 
     def _chunk(self, w: Scheduled) -> SeqChunk:
         s = w.request.session
@@ -139,7 +153,11 @@ class Scheduler:
         return SeqChunk(s.slot, s.tokens_seen, w.tokens, "last" if w.sample else "none", sinks)
 
     def _admit(
-        self, offload: list[tuple[str, int]], restore: list[tuple[str, int]], clear: list[int]
+        self,
+        offload: list[tuple[str, int]],
+        restore: list[tuple[str, int]],
+        clear: list[int],
+        share: list[tuple[int, int, int]],
     ) -> None:
         """Move waiting requests to running while slots can be found, in arrival order."""
         while self.waiting:
@@ -149,17 +167,76 @@ class Scheduler:
                 if not self.free_slots:
                     self._offload_for_waiting(offload)
                     return
-                slot = heapq.heappop(self.free_slots)
-                s.slot = slot
                 if s.location is KVLocation.HOST and self.fetch(s.id):
-                    restore.append((s.id, slot))
+                    s.slot = self._take_slot()
+                    self.prefixes.pop(s.slot, None)
+                    restore.append((s.id, s.slot))
                 else:
                     if s.location is KVLocation.HOST:
                         _rebuild_in_place(r)
-                    clear.append(slot)
+                    self._place_fresh(r, clear, share)
                 s.location = KVLocation.SLOT
             self.waiting.popleft()
             self.running.append(r)
+
+    def _take_slot(self) -> int:
+        """A free slot, keeping long leading runs for the prompts that may share them."""
+        slot = min(self.free_slots, key=lambda i: (len(self.prefixes.get(i, ())), i))
+        self.free_slots.remove(slot)
+        return slot
+
+    def _place_fresh(self, r: Request, clear: list[int], share: list[tuple[int, int, int]]) -> None:
+        """Give a session with no KV a slot: a free one cleared, or one starting with the longest leading
+        run the prompt shares (kept in place when that slot is free, else copied)."""
+        s = r.session
+        source, n = self._longest_shared_run(r)
+        if n == 0:
+            s.slot = self._take_slot()
+            clear.append(s.slot)
+            self.prefixes[s.slot] = []
+            return
+        if source in self.free_slots:
+            self.free_slots.remove(source)
+            s.slot = source
+        else:
+            s.slot = self._take_slot()
+        share.append((source, s.slot, n))
+        self.prefixes[s.slot] = self.prefixes[source][:n]
+        s.consume(r.prompt[:n])
+        r.advance(n)
+        r.reused = n
+        self.reused_tokens += n
+
+    def _longest_shared_run(self, r: Request) -> tuple[int, int]:
+        """(slot, n): the slot whose leading run shares the most tokens with the prompt's head; a free slot
+        among equals (nothing to copy). n is 0 when none does or the session cannot start from one."""
+        if not self.cache.prefix_reuse or r.session.tokens_seen != 0:
+            return -1, 0
+        limit = min(len(r.prompt) - 1, self.cache.capacity)
+        if r.resume is not None and r.resume[0] != r.resume[1]:  # a rebuild's stream jumps after its sinks
+            limit = min(limit, r.resume[0])
+        best, n = -1, 0
+        for slot, run in self.prefixes.items():
+            m = _common_head(run, r.prompt, limit)
+            if m > n or (m == n > 0 and slot in self.free_slots and best not in self.free_slots):
+                best, n = slot, m
+        return best, n
+
+    def consume(self, s: Session, tokens: tuple[int, ...]) -> None:
+        """Record tokens whose KV has just been written into the session's slot."""
+        run = self.prefixes.get(s.slot) if s.slot is not None else None
+        if run is not None:
+            if len(run) == s.tokens_seen and s.tokens_seen + len(tokens) <= self.cache.capacity:
+                run.extend(tokens)
+            else:  # a jump in stream index, or the ring overwrote an entry: only the sinks stay put
+                del run[s.sink_tokens :]
+        s.consume(tokens)
+
+    def truncated(self, s: Session) -> None:
+        """The session's last consumed tokens were forgotten (tokens_seen already lowered)."""
+        run = self.prefixes.get(s.slot) if s.slot is not None else None
+        if run is not None:
+            del run[s.tokens_seen :]
 
     def evict(self, session: Session) -> BatchPlan:
         """Plan to move an idle resident session's KV down the tiers; its slot drains until `release`."""
@@ -185,6 +262,17 @@ class Scheduler:
         self.draining.add(slot)
         victim.slot, victim.location = None, KVLocation.HOST
         self.offloads += 1
+
+
+def _common_head(a: list[int], b: list[int], limit: int) -> int:
+    """Length of the common head of a and b, at most `limit` (compared a block at a time, in C)."""
+    n, limit = 0, min(limit, len(a), len(b))
+    block = 64
+    while n + block <= limit and a[n : n + block] == b[n : n + block]:
+        n += block
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def _rebuild_in_place(r: Request) -> None:

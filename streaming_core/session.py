@@ -108,6 +108,8 @@ class TokenEvent:
     """'stop', 'length', 'abort' or 'error'."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    reused_tokens: int = 0
+    """Prompt tokens whose KV was copied from a slot holding the same head (prefix reuse), not computed."""
     error: str | None = None
 
 
@@ -162,6 +164,8 @@ class Request:
     arrived: float = field(default_factory=time.monotonic)
     resume: tuple[int, int] | None = None
     """(prompt index, stream index): a rebuild re-prefills the sinks, then jumps to the tail's stream index."""
+    reused: int = 0
+    """Prompt tokens whose KV was copied from another slot's leading run instead of prefilled."""
 
     @property
     def prefill_left(self) -> int:

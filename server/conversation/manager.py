@@ -12,7 +12,7 @@ Semantics
     and only what follows the last committed reply is prefilled;
   * they start with the session's first message but diverge (an edited or regenerated history, or a
     resend of a shorter one) -> "rebuilt": the engine session is reset and the whole rendered history is
-    prefilled (cached_tokens 0); the session continues under the same id. Never silently mixed;
+    prefilled (cached_tokens only what prefix reuse copied); the session continues under the same id. Never silently mixed;
   * otherwise -> "delta": the messages are new and appended (a client sending only each new turn; the
     conversation can then outgrow any request).
   session_mode "full" is "auto" without the fallbacks: a history that does not extend the session
@@ -23,7 +23,8 @@ Semantics
   re-renders earlier turns is rebuilt from the history in "full"/"auto" and refused (400
   template_not_incremental) in "delta".
 - usage: prompt_tokens counts the whole stream the turn represents (committed tokens plus the new ones),
-  cached_tokens = prompt_tokens - the tokens actually prefilled (a rebuild prefills the sinks and the tail).
+  cached_tokens = prompt_tokens - the tokens actually prefilled (a rebuild prefills the sinks and the tail;
+  a head the engine copied from another slot, its prefix reuse, is not prefilled).
 - When the engine lacks a session Redis still has (restart, another replica, its KV tiers dropped it), the
   plan carries `rebuild` (sinks, tail, tokens_seen): the KV is recomputed and the counters go on. A plan
   made while the engine held the KV still submits that state (`fallback`), so a session the tiers drop

@@ -105,7 +105,8 @@ def test_session_echo_and_cached_tokens(client: openai.OpenAI, live: LiveServer)
     )
     first = raw.parse()
     assert raw.headers["X-Session-ID"] == s and raw.http_response.json()["session_id"] == s
-    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    # a new session computes its prompt, but for a head another slot held (prefix reuse, tested below)
+    assert first.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens // 2
     history = [*messages, {"role": "assistant", "content": first.choices[0].message.content}]
     history.append({"role": "user", "content": "And in French?"})
     r, events = raw_stream(
@@ -132,6 +133,42 @@ def test_session_echo_and_cached_tokens(client: openai.OpenAI, live: LiveServer)
         "prompt_tokens": usage["prompt_tokens"],
         "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
     }
+
+
+def test_a_shared_head_is_copied_not_computed_and_counted_as_cached(
+    client: openai.OpenAI, live: LiveServer
+) -> None:
+    """Stateless requests with one system prompt: the second copies the first's head out of its slot, the
+    third repeats the second and copies all but its last token; replies stay the same, usage and /metrics
+    count what was copied."""
+    system = {"role": "system", "content": f"You keep lighthouse {uuid.uuid4().hex[:8]} on a rocky coast."}
+
+    def ask(question: str) -> tuple[str, int, int]:
+        r = client.chat.completions.create(
+            model=MODEL, messages=[system, {"role": "user", "content": question}], max_tokens=8, temperature=0
+        )
+        assert r.usage is not None and r.usage.prompt_tokens_details is not None
+        return (
+            r.choices[0].message.content or "",
+            r.usage.prompt_tokens,
+            r.usage.prompt_tokens_details.cached_tokens,
+        )
+
+    def reused_total() -> float:
+        text = httpx.get(f"{live.url}/metrics").text
+        return sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("streamllm:prefix_reused_tokens_total")
+        )
+
+    _, _, head_cached = ask("Name one ship you saw.")
+    before = reused_total()
+    reply, prompt, cached = ask("What colour is the light?")
+    assert head_cached < cached < prompt  # the system turn at least, never the whole prompt
+    again, prompt_again, cached_again = ask("What colour is the light?")
+    assert (again, prompt_again, cached_again) == (reply, prompt, prompt - 1)
+    assert reused_total() - before == cached + cached_again
 
 
 def test_stop_string_and_length(client: openai.OpenAI) -> None:

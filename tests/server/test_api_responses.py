@@ -101,7 +101,7 @@ def test_a_chain_continues_its_session_and_equals_stateless_chat(
         assert r.status in ("completed", "incomplete")
     assert responses[0].instructions == SYSTEM and responses[1].previous_response_id == responses[0].id
     tokens = [cached(r) for r in responses]
-    assert tokens[0] == 0 and all(b > a for a, b in itertools.pairwise(tokens)), tokens
+    assert all(b > a for a, b in itertools.pairwise(tokens)), tokens
     for before, after in itertools.pairwise(responses):
         # Only the new turn is prefilled: everything the previous response covered is cached.
         assert cached(after) >= before.usage.input_tokens + before.usage.output_tokens - 2
@@ -116,7 +116,9 @@ def test_a_branch_forks_from_the_stored_items_and_never_mixes(
     )
     history = [*messages[:5], {"role": "user", "content": "Name a vegetable."}]
     assert branch.output_text == stateless(client, history)
-    assert cached(branch) == 0 and branch.previous_response_id == responses[1].id
+    # A new session: at most the head it shares with the chain is copied (prefix reuse), never the chain's
+    # third turn and what follows.
+    assert cached(branch) < responses[2].usage.input_tokens and branch.previous_response_id == responses[1].id
     # Both branches go on from their own sessions, each equal to its own history.
     on_branch = client.responses.create(input="And a fruit?", previous_response_id=branch.id, **GREEDY)
     history += [
@@ -162,7 +164,7 @@ def test_store_false_keeps_nothing(
         input="Bye.", previous_response_id=responses[-1].id, store=False, **GREEDY
     )
     assert aside.output_text == stateless(client, [*messages, {"role": "user", "content": "Bye."}])
-    assert cached(aside) == 0
+    # (its cached_tokens may be anything up to the whole chain: prefix reuse copies it from the chain's slot)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(aside.id)
 
@@ -227,7 +229,7 @@ def test_conversations_and_their_items(client: openai.OpenAI, live: LiveServer) 
         assert r.output_text == stateless(client, messages)
         messages.append({"role": "assistant", "content": r.output_text})
         tokens.append(cached(r))
-    assert tokens[0] == 0 and tokens[1] < tokens[2], tokens
+    assert tokens[0] < tokens[1] < tokens[2], tokens  # the first copies at most a head another slot held
     # Items added between responses are prefilled by the next one, on the same session.
     added = client.conversations.items.create(conv.id, items=[{"role": "user", "content": "I like apples."}])
     validate(
@@ -239,6 +241,7 @@ def test_conversations_and_their_items(client: openai.OpenAI, live: LiveServer) 
         {"role": "user", "content": "What do I like?"},
     ]
     assert r.output_text == stateless(client, messages) and cached(r) > tokens[-1]
+    liked = r
     messages.append({"role": "assistant", "content": r.output_text})
     listed = client.conversations.items.list(conv.id, order="asc", limit=100)
     assert [(i.role, i.content[0].text) for i in listed.data] == [(m["role"], m["content"]) for m in messages]  # type: ignore[union-attr]
@@ -251,7 +254,8 @@ def test_conversations_and_their_items(client: openai.OpenAI, live: LiveServer) 
     client.conversations.items.delete(item.id, conversation_id=conv.id)
     messages.remove({"role": "user", "content": "I like apples."})
     r = client.responses.create(input="Say it again.", conversation=conv.id, **GREEDY)
-    assert cached(r) == 0 and r.output_text == stateless(
+    # the head before the deleted item may be copied from a slot (prefix reuse), nothing past it
+    assert cached(r) < liked.usage.input_tokens and r.output_text == stateless(
         client, [*messages, {"role": "user", "content": "Say it again."}]
     )
     assert client.conversations.update(conv.id, metadata={"topic": "veg"}).metadata == {"topic": "veg"}

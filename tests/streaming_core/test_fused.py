@@ -15,10 +15,11 @@ import torch
 
 from streaming_core import fused
 from streaming_core.attention import StepContext
-from streaming_core.batch import SeqChunk
+from streaming_core.batch import BatchPlan, SeqChunk
 from streaming_core.config import CacheConfig
 from streaming_core.kv_pool import KVPool
 from streaming_core.models import build_model
+from streaming_core.runner import ModelRunner
 
 from .helpers import tiny_llama
 
@@ -90,6 +91,56 @@ def test_fused_decode_without_sinks(kernels):
         decode = [SeqChunk(s, t, (_token(s, t),)) for s in (0, 1)]
         want = _step(model, pools[0], decode, [], None)
         torch.testing.assert_close(_step(model, pools[1], decode, [], kernels), want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("weights", ["dense", "int4"])
+def test_prompt_chunks_run_as_rows_equal_the_prefill(kernels, weights):
+    """The runner takes short prompt chunks that evict nothing as decode rows on the kernels: a fresh
+    prompt, one onto a filled slot, one with logits for every token and one under its own sink count,
+    next to plain decode rows. Logits and KV equal the eager prefill's; a step with a chunk that wraps the
+    ring runs all of it as a prefill."""
+    fast_model = build_model(tiny_llama(), torch.float32, "cpu")
+    eager_model = build_model(tiny_llama(), torch.float32, "cpu")
+    for m in (fast_model, eager_model):
+        m.prepare(weights)
+    fast_model.fused = kernels
+    cap = CACHE.capacity
+    runners = [
+        ModelRunner(m, KVPool(CACHE, m.kv_shape, torch.float32, torch.device("cpu")))
+        for m in (fast_model, eager_model)
+    ]
+    fast, eager = runners
+
+    def both(plan: BatchPlan, rows: bool) -> None:
+        assert fast._all_rowable(plan.chunks) is rows
+        assert not eager._all_rowable(plan.chunks)
+        got, want = fast.run(plan), eager.run(plan)
+        assert got.logits.keys() == want.logits.keys()
+        for i in want.logits:
+            torch.testing.assert_close(got.logits[i], want.logits[i], atol=1e-3, rtol=1e-3)
+
+    toks = lambda s, a, b: tuple(_token(s, t) for t in range(a, b))  # noqa: E731
+    both(BatchPlan((SeqChunk(0, 0, toks(0, 0, 12), "none"), SeqChunk(1, 0, toks(1, 0, 3), "last"))), True)
+    both(
+        BatchPlan(
+            (
+                SeqChunk(1, 3, toks(1, 3, 4)),  # a decode row
+                SeqChunk(0, 12, toks(0, 12, 20), "last"),  # onto a filled slot
+                SeqChunk(2, 0, toks(2, 0, 9), "all"),  # every token's logits (perplexity)
+                SeqChunk(3, 0, toks(3, 0, 7), "last", sinks=2),  # its own sink count
+            )
+        ),
+        True,
+    )
+    both(
+        BatchPlan((SeqChunk(0, 20, toks(0, 20, cap + 3), "last"), SeqChunk(1, 4, toks(1, 4, 6), "last"))),
+        False,
+    )
+    for t in range(cap + 3, cap + 8):  # the streams go on by plain decode
+        both(BatchPlan(tuple(SeqChunk(s, n, toks(s, n, n + 1)) for s, n in ((0, t), (1, t - cap + 3)))), True)
+    torch.testing.assert_close(fast.pool.pos, eager.pool.pos)
+    torch.testing.assert_close(fast.pool.k, eager.pool.k, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(fast.pool.v, eager.pool.v, atol=1e-3, rtol=1e-3)
 
 
 def test_kernels_match_their_torch_formulas(kernels):
