@@ -1,9 +1,11 @@
 """`streamllm bench multiturn`: one long conversation through the HTTP API, session vs stateless.
 
 Both modes resend the full history each turn, as OpenAI clients do. With a session the server checks
-the history against what it holds and prefills only the new turn; without one it prefills everything.
-Per turn we record the time to first token (client side, streaming) and the tokens the server
-prefilled (usage.prompt_tokens - usage.prompt_tokens_details.cached_tokens).
+the history against what it holds and prefills only the new turn; without one it prefills everything but
+the head its prefix reuse finds in a slot (the previous request's, while the history fits the cache and
+that slot was not reused). Each mode opens with a system message of its own, so that neither copies the
+other's history. Per turn we record the time to first token (client side, streaming), the prompt's
+tokens and those the server prefilled (usage.prompt_tokens - usage.prompt_tokens_details.cached_tokens).
 """
 
 from __future__ import annotations
@@ -65,8 +67,10 @@ def user_messages(
 def converse(
     client: Any, model: str, prompts: list[str], session: str | None, max_tokens: int
 ) -> dict[str, list]:
-    history: list[dict[str, str]] = []
+    label = f"session {session}" if session else f"stateless {uuid.uuid4().hex[:8]}"
+    history = [{"role": "system", "content": f"You answer questions about a book ({label})."}]
     ttft: list[float] = []
+    prompt_tokens: list[int] = []
     prefill: list[int] = []
     extra = {"session_id": session} if session else {}
     for prompt in tqdm(prompts, desc="session" if session else "stateless", leave=False):
@@ -94,9 +98,10 @@ def converse(
         assert usage is not None, "the server sent no usage chunk"
         details = usage.prompt_tokens_details
         cached = details.cached_tokens if details and details.cached_tokens else 0
+        prompt_tokens.append(usage.prompt_tokens)
         prefill.append(usage.prompt_tokens - cached)
         history.append({"role": "assistant", "content": "".join(reply)})
-    return {"ttft_s": ttft, "prefill_tokens": prefill}
+    return {"ttft_s": ttft, "prompt_tokens": prompt_tokens, "prefill_tokens": prefill}
 
 
 def run(args: argparse.Namespace) -> int:
