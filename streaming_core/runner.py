@@ -28,6 +28,8 @@ class ModelRunner:
         self.device = pool.device
         self.tiers = tiers if tiers is not None else KVTiers(pool)
         """Offloaded sessions' KV: host memory, then disk, under the cache config's budgets."""
+        self.rows_fused = model.fused is not None and fused_decode_possible(pool, model.spec)
+        """Steps here can run on the fused kernels, so prompt chunks may join them as rows (`_all_rowable`)."""
 
     @torch.inference_mode()
     def run(self, plan: BatchPlan) -> StepOutput:
@@ -40,7 +42,9 @@ class ModelRunner:
         chunks: list[tuple[int, SeqChunk]] = []
         as_rows = self._all_rowable(plan.chunks)
         for i, c in enumerate(plan.chunks):
-            if len(c.tokens) == 1 or as_rows:
+            if len(c.tokens) == 1:
+                rows.append((i, c))
+            elif as_rows:
                 rows.extend((i, r) for r in _one_row_each(c))
             else:
                 chunks.append((i, c))
@@ -69,7 +73,7 @@ class ModelRunner:
         it evicts nothing, so that writing every row's key before any row attends hides no entry an earlier
         row still sees (later rows' keys are masked by stream index), and when scoring row by row (rows x
         the slot's filled prefix) stays cheaper than the prefill's batched matmuls and its eager ops."""
-        if self.model.fused is None or not fused_decode_possible(self.pool, self.model.spec):
+        if not self.rows_fused:
             return False
         cap = self.pool.cache.capacity
         for c in chunks:

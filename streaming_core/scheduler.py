@@ -20,8 +20,9 @@ from __future__ import annotations
 import heapq
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .batch import BatchPlan, SeqChunk
 from .config import CacheConfig
@@ -217,7 +218,7 @@ class Scheduler:
             limit = min(limit, r.resume[0])
         best, n = -1, 0
         for slot, run in self.prefixes.items():
-            m = _common_head(run, r.prompt, limit)
+            m = common_prefix(run, r.prompt, limit)
             if m > n or (m == n > 0 and slot in self.free_slots and best not in self.free_slots):
                 best, n = slot, m
         return best, n
@@ -264,13 +265,15 @@ class Scheduler:
         self.offloads += 1
 
 
-def _common_head(a: list[int], b: list[int], limit: int) -> int:
-    """Length of the common head of a and b, at most `limit` (compared a block at a time, in C)."""
-    n, limit = 0, min(limit, len(a), len(b))
-    block = 64
-    while n + block <= limit and a[n : n + block] == b[n : n + block]:
+def common_prefix(a: Sequence[Any], b: Sequence[Any], limit: int | None = None) -> int:
+    """Length of the common prefix of two sequences (token lists, strings), at most `limit`. Sequences of
+    one type are compared a block at a time, as slices, so that long equal heads are compared in C (a list
+    slice never equals a tuple's: other pairs go element by element)."""
+    end = min(len(a), len(b)) if limit is None else min(limit, len(a), len(b))
+    n, block = 0, 64 if type(a) is type(b) else end + 1
+    while n + block <= end and a[n : n + block] == b[n : n + block]:
         n += block
-    while n < limit and a[n] == b[n]:
+    while n < end and a[n] == b[n]:
         n += 1
     return n
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from streaming_core.config import CacheConfig
 from streaming_core.engine import Rebuild
+from streaming_core.scheduler import common_prefix
 
 from .chain import chain, link
 from .errors import invalid, session_conflict
@@ -23,7 +24,6 @@ from .templates import (
     TemplateError,
     assistant,
     bounded_context,
-    common_prefix,
     continuation,
     decode,
     encode,

@@ -13,7 +13,7 @@ from streaming_core.session import TokenEvent
 
 from .helpers import tiny_llama, wrap
 from .test_engine import S, W, WordTokenizer, prompt
-from .test_engine_faults import fail_next_step
+from .test_engine_faults import fail_next_step, turn
 
 SCORED = SamplingParams(max_tokens=8, temperature=0, logprobs=True)
 ONE = SamplingParams(max_tokens=1, temperature=0, logprobs=True)
@@ -27,14 +27,6 @@ def model():
 def engine_for(model, reuse: bool, num_slots: int = 4) -> Engine:
     cache = CacheConfig(sink_tokens=S, window=W, num_slots=num_slots, prefill_chunk=16, prefix_reuse=reuse)
     return Engine(model, WordTokenizer(), EngineConfig(cache=cache))
-
-
-def turn(engine: Engine, sid: str | None, tokens: list[int], params=SCORED, **kw) -> list[TokenEvent]:
-    """All events of one turn, read synchronously (with or without the loop thread)."""
-    h = engine.submit(sid, tokens, params, **kw)
-    if not engine.running:
-        engine.run_until_done(h)
-    return list(h.stream)
 
 
 def same(got: list[TokenEvent], want: list[TokenEvent]) -> None:
@@ -160,9 +152,9 @@ def test_a_failed_step_forgets_every_run(model):
     engine.start()  # the loop thread turns a failed step into error events
     try:
         fail_next_step(engine)
-        assert turn(engine, "b", [*head, 1])[-1].finish_reason == "error"
+        assert turn(engine, "b", [*head, 1], SCORED)[-1].finish_reason == "error"
         assert not engine.call(lambda: dict(engine.scheduler.prefixes)).result()
-        assert turn(engine, None, [*head, 2])[-1].reused_tokens == 0
+        assert turn(engine, None, [*head, 2], SCORED)[-1].reused_tokens == 0
     finally:
         engine.stop()
 
@@ -170,6 +162,6 @@ def test_a_failed_step_forgets_every_run(model):
 def test_disabled_reuse_copies_nothing(model):
     engine = engine_for(model, False)
     head = prompt(16, 23)
-    turn(engine, None, [*head, 1])
-    assert turn(engine, None, [*head, 2])[-1].reused_tokens == 0
+    turn(engine, None, [*head, 1], SCORED)
+    assert turn(engine, None, [*head, 2], SCORED)[-1].reused_tokens == 0
     assert engine.scheduler.reused_tokens == 0
