@@ -6,8 +6,9 @@ activations wins at a few rows and loses badly at 32; a CPU with AMX changes the
 nothing is guessed: `prepare_linears` times every candidate of the configured precision on one weight
 of each role (qkv, o, gate_up, ...) for each row bucket, keeps only the layouts that win somewhere,
 and logs the table. The precision itself is a config choice (see `WEIGHT_MODES`), never a per-bucket
-one: every kernel of a precision multiplies by the same weights, up to bf16 rounding (int4's bf16 GEMM
-rounds the dequantized weights to bf16, relative 2^-9, as its other kernel rounds the activations).
+one: every kernel of a precision multiplies by the same weights, up to rounding (int4's bf16 GEMM
+rounds the dequantized weights to bf16, relative 2^-9, as its other kernel rounds the activations; the
+fused int8-activation kernels round each group of 32 activations to int8, as GGUF's Q8_0 does).
 Where oneDNN can pack a weight in its own blocked layout (AMX, AVX512-BF16), the GEMM candidates use it.
 """
 
@@ -23,12 +24,20 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .quant import int4_supported, quantize_int4, quantize_int8
+from .quant import (
+    int4_supported,
+    pack_rows8_int4,
+    pack_rows8_int8,
+    quantize_int4,
+    quantize_int8,
+    rows8_supported,
+)
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +148,33 @@ def _int4_kernel(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
     return run
 
 
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """x as the fp32, contiguous rows the fused int8-activation kernels read."""
+    return (x if x.dtype == torch.float32 else x.float()).contiguous()
+
+
+def _int4_q8act(fused: ModuleType) -> Callable[[torch.Tensor, torch.Tensor | None], Kernel]:
+    """int4's codes times activations quantized to int8 per group of 32 (`int4_q8act_mm`, AVX2 integer
+    multiply-adds, 8 output rows per vector): the same weights; the activations rounded by up to 1/254 of
+    their group's largest value, as GGUF's Q8_0 does on llama.cpp's CPU path."""
+
+    def build(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
+        codes, scale, zero = pack_rows8_int4(quantize_int4(w))
+        return _with_bias(lambda x: fused.int4_q8act_mm(_f32(x), codes, scale, zero), b)
+
+    return build
+
+
+def _int8_q8act(fused: ModuleType) -> Callable[[torch.Tensor, torch.Tensor | None], Kernel]:
+    """int8's codes times activations quantized to int8 per group of 32 (`int8_q8act_mm`)."""
+
+    def build(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
+        codes, scale = pack_rows8_int8(quantize_int8(w))
+        return _with_bias(lambda x: fused.int8_q8act_mm(_f32(x), codes, scale), b)
+
+    return build
+
+
 def _dequantized(
     quantize: Callable[[torch.Tensor], Any],
 ) -> Callable[[torch.Tensor, torch.Tensor | None], Kernel]:
@@ -166,9 +202,11 @@ def _dequantized_bf16(
 
 
 def candidates(
-    mode: str, weight: torch.Tensor
+    mode: str, weight: torch.Tensor, fused: ModuleType | None = None
 ) -> dict[str, Callable[[torch.Tensor, torch.Tensor | None], Kernel]]:
-    """Kernels that compute `mode`'s weights for this weight on its device."""
+    """Kernels that compute `mode`'s weights for this weight on its device (with `fused`, the compiled
+    CPU kernels, also their int8-activation matmuls)."""
+    rows8 = fused is not None and weight.dtype == torch.float32 and rows8_supported(weight)
     if mode == "dense":
         kernels: dict[str, Callable[[torch.Tensor, torch.Tensor | None], Kernel]] = {
             "dense-nn": _dense_nn,
@@ -182,19 +220,27 @@ def candidates(
             f"weights mode {mode!r} uses torch's CPU kernels; use 'dense' on {weight.device.type}"
         )
     if mode == "int8":
-        return {
+        kernels = {
             "int8-bf16act": _int8_bf16act,
             "int8-codes-bf16": _int8_codes_bf16,
             "int8-dequant-f32": _dequantized(quantize_int8),
         }
+        if rows8:
+            assert fused is not None
+            kernels["int8-q8act-f32"] = _int8_q8act(fused)
+        return kernels
     if mode == "int4":
         if not int4_supported(weight):
-            return candidates("int8", weight)
-        return {
+            return candidates("int8", weight, fused)
+        kernels = {
             "int4-bf16act": _int4_kernel,
             "int4-dequant-f32": _dequantized(quantize_int4),
             "int4-dequant-bf16": _dequantized_bf16(quantize_int4),
         }
+        if rows8:
+            assert fused is not None
+            kernels["int4-q8act-f32"] = _int4_q8act(fused)
+        return kernels
     raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}; got {mode!r}")
 
 
@@ -303,7 +349,11 @@ def _pass_ms(fns: list[Kernel], x: torch.Tensor) -> float:
 
 @torch.no_grad()
 def tune(
-    mode: str, weights: list[tuple[torch.Tensor, torch.Tensor | None]], buckets: tuple[int, ...], rounds: int
+    mode: str,
+    weights: list[tuple[torch.Tensor, torch.Tensor | None]],
+    buckets: tuple[int, ...],
+    rounds: int,
+    fused: ModuleType | None = None,
 ) -> tuple[dict[str, list[Kernel]], list[str], list[dict[str, float]]]:
     """Per bucket, the fastest kernel for a role's weights; returns the built kernels, the choice and timings.
 
@@ -313,7 +363,7 @@ def tune(
     1 and 32 rows, the int4 kernel's cost grows with each row), so no early loss rules one out.
     """
     w0 = weights[0][0]
-    built = {name: [make(w, b) for w, b in weights] for name, make in candidates(mode, w0).items()}
+    built = {name: [make(w, b) for w, b in weights] for name, make in candidates(mode, w0, fused).items()}
     choice: list[str] = []
     timings: list[dict[str, float]] = []
     for rows in buckets:
@@ -355,7 +405,11 @@ def _machine_key(mode: str, by_role: dict[str, list[LinearSlot]]) -> str:
 
 @torch.no_grad()
 def prepare_linears(
-    slots: Iterator[LinearSlot], mode: str, rounds: int = 3, cache_dir: Path | None = None
+    slots: Iterator[LinearSlot],
+    mode: str,
+    rounds: int = 3,
+    cache_dir: Path | None = None,
+    fused: ModuleType | None = None,
 ) -> KernelReport:
     """Replace every slot's weight by a `Linear` whose kernel per bucket was measured on its role.
 
@@ -375,14 +429,14 @@ def prepare_linears(
         weights = [(s.get(s.name), s.get(s.bias_name) if s.bias_name else None) for s in group]
         buckets = LOGIT_BUCKETS if role == "lm_head" else ROW_BUCKETS
         role_mode = role_precision(mode, role)
-        builders = candidates(role_mode, weights[0][0])
+        builders = candidates(role_mode, weights[0][0], fused)
         entry = cached.get(role)
         # a choice made among other candidates (an older release's) is measured again
         if entry and len(entry["choice"]) == len(buckets) and entry.get("candidates") == sorted(builders):
             choice, timings = list(entry["choice"]), list(entry["timings"])
             built = {n: [builders[n](w, b) for w, b in weights] for n in set(choice)}
         else:
-            built, choice, timings = tune(role_mode, weights, buckets, rounds)
+            built, choice, timings = tune(role_mode, weights, buckets, rounds, fused)
             cached[role] = {"choice": list(choice), "timings": timings, "candidates": sorted(builders)}
         for rows, best, times in zip(buckets, choice, timings, strict=True):
             report.rows.append((role, rows, best, times))

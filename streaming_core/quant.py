@@ -1,9 +1,9 @@
 """Weight-only quantization for the CPU kernels torch ships: int8 per output channel, int4 per group.
 
-Both keep activations in floating point. Every kernel of one precision computes with the same
-quantized weights (`dequantized` returns exactly what the packed kernel multiplies by), so the
-choice of kernel per batch size changes rounding at most: of the activations, and for int4's bf16
-GEMM (linear.py) of the dequantized weights, by the same relative 2^-9.
+Every kernel of one precision computes with the same quantized weights (`dequantized` returns exactly
+what the packed kernels multiply by), so the choice of kernel per batch size changes rounding at most:
+of the activations (bf16, or int8 per group of 32 in the fused kernels, `pack_rows8_*`), and for int4's
+bf16 GEMM (linear.py) of the dequantized weights, by the same relative 2^-9.
 """
 
 from __future__ import annotations
@@ -66,3 +66,42 @@ def quantize_int4(w: torch.Tensor) -> Int4Weight:
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes_u8.to(torch.int32), 1)
     scale_zero = torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
     return Int4Weight(packed, scale_zero, codes_u8)
+
+
+def rows8_supported(w: torch.Tensor) -> bool:
+    """The fused int8-activation kernels (fused/decode_cpu.cpp) take outputs in blocks of 8 rows and
+    inputs in whole groups of 32."""
+    out, k = w.shape
+    return k % INT4_GROUP == 0 and out % 8 == 0
+
+
+def _interleave_rows8(codes: torch.Tensor, steps: int) -> torch.Tensor:
+    """[out, in] codes -> [out/8, in/32, steps, 8, 32/steps]: per group of 32 inputs, vector t holds each
+    of 8 rows' codes t*(32/steps) onwards side by side (the kernels' lane l = row l)."""
+    out, k = codes.shape
+    per = INT4_GROUP // steps
+    return codes.view(out // 8, 8, k // INT4_GROUP, steps, per).permute(0, 2, 3, 1, 4)
+
+
+def pack_rows8_int4(q4: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int4 codes for `int4_q8act_mm`: codes [out/8, in/32, 4, 32] uint8 (k = 4t+b in the low nibble of
+    byte 4l+b of vector t, k = 4(t+4)+b in its high nibble), scale and zero [out/8, in/32, 8] fp32 with
+    w = (code - 8) * scale + zero, the weights of `q4.dequantized()`."""
+    out, k = q4.codes.shape
+    c = _interleave_rows8(q4.codes, 8)  # [out/8, groups, 8 steps, 8 rows, 4]
+    packed = (c[:, :, :4] | (c[:, :, 4:] << 4)).reshape(out // 8, k // INT4_GROUP, 4, 32).contiguous()
+    sz = q4.scale_zero.float().transpose(0, 1)  # [out, groups, 2]
+    scale, zero = sz[..., 0], sz[..., 1]
+
+    def by_block(a: torch.Tensor) -> torch.Tensor:  # [out, groups] -> [out/8, groups, 8]
+        return a.reshape(out // 8, 8, -1).permute(0, 2, 1).contiguous()
+
+    return packed, by_block(scale), by_block(zero)
+
+
+def pack_rows8_int8(q8: Int8Weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes for `int8_q8act_mm`: [out/8, in/32, 8, 32] (lane l of vector t: row l's codes 4t..4t+3)
+    and the per-row scales [out] fp32."""
+    out, k = q8.q.shape
+    packed = _interleave_rows8(q8.q, 8).reshape(out // 8, k // INT4_GROUP, 8, 32).contiguous()
+    return packed, q8.scales.float().contiguous()

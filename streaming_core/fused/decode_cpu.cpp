@@ -5,6 +5,9 @@
 // and models/llama.py (see their docstrings for the semantics) in four calls per layer; `streaming_core/fused/__init__.py` compiles and loads them and
 // the tests compare them with the eager path.
 //
+// The same module holds matmuls over int8-quantized activations (the int4 and int8 precisions' fastest
+// kernels at a few rows on this kind of CPU; see the section below).
+//
 // Layouts (all contiguous): qkv [B, (H + 2 kvh) * hd]; rope tables [B, hd] (cos, and sin signed as
 // positions.rotate expects); pool K/V [slots, kvh, cap, hd]; bias [B, L] additive (0 or -inf).
 #include <torch/extension.h>
@@ -16,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -385,6 +389,200 @@ at::Tensor silu_mul(const at::Tensor& gu) {
   return out;
 }
 
+// -- matmuls over int8-quantized activations --------------------------------------------------------
+// At a few rows a quantized matmul is bound by how fast its weights are unpacked and multiplied, not by
+// memory: torch's int4 kernel converts every code to float. These multiply integer codes by activations
+// quantized to int8 per group of 32 inputs (scale max|x| / 127, as GGUF's Q8_0), with AVX2's u8 x s8
+// multiply-add, in a layout that interleaves 8 output rows so that each vector lane holds one row's sum
+// and no horizontal reduction is needed. The weights are exactly the quantized weights; only the
+// activations are rounded (about 0.4% of each group's largest value). streaming_core/linear.py packs
+// the weights (`pack_rows8_*`) and offers these as kernels where the tuner measures them winning.
+
+// x [M, K] fp32 -> xq [M, K] int8, and per group of 32: dx = max|x| / 127 (xq * dx ~ x), the exact sum
+// of x and the sum of xq.
+void quantize_groups(const float* X, int64_t M, int64_t K, int8_t* XQ, float* DX, float* XS, float* QS) {
+  const int64_t G = K / 32;
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' lane interleave
+  for (int64_t mg = 0; mg < M * G; ++mg) {
+    const float* x = X + mg * 32;  // group g of row m starts at m * K + g * 32 = mg * 32
+    __m256 v[4], amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(x + 8 * i);
+      amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], absmask));
+      sum = _mm256_add_ps(sum, v[i]);
+    }
+    __m128 a = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+    a = _mm_max_ss(a, _mm_movehdup_ps(a));
+    const float d = _mm_cvtss_f32(a) / 127.f;
+    const __m256 inv = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+    __m256i r[4];
+    for (int i = 0; i < 4; ++i) r[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));  // round to nearest
+    const __m256i q = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(XQ + mg * 32), _mm256_permutevar8x32_epi32(q, order));
+    const __m256i r01 = _mm256_add_epi32(r[0], r[1]), r23 = _mm256_add_epi32(r[2], r[3]);
+    DX[mg] = d;
+    XS[mg] = hsum(sum);
+    QS[mg] = hsum(_mm256_cvtepi32_ps(_mm256_add_epi32(r01, r23)));  // |sum| <= 4064: exact in fp32
+  }
+}
+
+inline __m256i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// int4 codes of 8 interleaved rows: [N/8, G, 4, 32] bytes. Within group g of block nb, byte 4l + b of
+// vector t holds row 8nb + l's code at k = 4t + b (low nibble) and at k = 4(t + 4) + b (high nibble).
+// scale and zero [N/8, G, 8]: w = (code - 8) * scale + zero. The sums run over (code - 8) * xq, as
+// code * xq - 8 * sum(xq): a centred code keeps x's rounding error proportional to w - zero, not to w's
+// distance from its group's minimum. M <= 4 rows of x per call.
+template <int M>
+void int4_rows8(const int8_t* XQ, const float* DX, const float* XS, const float* QS, int64_t K,
+                const uint8_t* codes, const float* scale, const float* zero, float* out, int64_t N, int64_t b0,
+                int64_t b1) {
+  const int64_t G = K / 32;
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  for (int64_t nb = b0; nb < b1; ++nb) {
+    __m256 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    const uint8_t* c = codes + nb * G * 128;
+    const float* s = scale + nb * G * 8;
+    const float* z = zero + nb * G * 8;
+    for (int64_t g = 0; g < G; ++g, c += 128) {
+      __m256i w[8];
+      for (int t = 0; t < 4; ++t) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * t));
+        w[t] = _mm256_and_si256(v, low);
+        w[t + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      }
+      const __m256 sc = _mm256_loadu_ps(s + g * 8), zv = _mm256_loadu_ps(z + g * 8);
+      for (int m = 0; m < M; ++m) {
+        const int8_t* xq = XQ + m * K + g * 32;
+        // 15 * 127 * 2 per pair, 8 pairs summed: 30,480 fits int16
+        __m256i p16 = _mm256_maddubs_epi16(w[0], broadcast4(xq));
+        for (int t = 1; t < 8; ++t) p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(w[t], broadcast4(xq + 4 * t)));
+        const __m256 dot = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones)),
+                                         _mm256_set1_ps(8.f * QS[m * G + g]));
+        acc[m] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sc, _mm256_set1_ps(DX[m * G + g])), acc[m]);
+        acc[m] = _mm256_fmadd_ps(zv, _mm256_set1_ps(XS[m * G + g]), acc[m]);
+      }
+    }
+    for (int m = 0; m < M; ++m) _mm256_storeu_ps(out + m * N + nb * 8, acc[m]);
+  }
+}
+
+// int8 codes of 8 interleaved rows: [N/8, G, 8, 32]; vector t of group g holds, in lane l, row 8nb + l's
+// codes at k = 4t..4t+3. scale [N]: w = code * scale.
+template <int M>
+void int8_rows8(const int8_t* XQ, const float* DX, int64_t K, const int8_t* codes, const float* scale,
+                float* out, int64_t N, int64_t b0, int64_t b1) {
+  const int64_t G = K / 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t nb = b0; nb < b1; ++nb) {
+    __m256 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    const int8_t* w = codes + nb * G * 256;
+    for (int64_t g = 0; g < G; ++g, w += 256) {
+      __m256i sum[M];
+      for (int m = 0; m < M; ++m) sum[m] = _mm256_setzero_si256();
+      for (int t = 0; t < 8; ++t) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * t));
+        const __m256i wabs = _mm256_sign_epi8(wv, wv);  // u8 x s8 multiply: move w's sign onto x
+        for (int m = 0; m < M; ++m) {
+          const __m256i xs = _mm256_sign_epi8(broadcast4(XQ + m * K + g * 32 + 4 * t), wv);
+          sum[m] = _mm256_add_epi32(sum[m], _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), ones));
+        }
+      }
+      for (int m = 0; m < M; ++m)
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[m]), _mm256_set1_ps(DX[m * G + g]), acc[m]);
+    }
+    const __m256 sc = _mm256_loadu_ps(scale + nb * 8);
+    for (int m = 0; m < M; ++m) _mm256_storeu_ps(out + m * N + nb * 8, _mm256_mul_ps(acc[m], sc));
+  }
+}
+
+// Runs f(first row of x, rows (<= 4), first block, end block) over blocks of 8 output rows in parallel.
+template <typename F>
+void over_row_blocks(int64_t M, int64_t blocks, int64_t grain, const F& f) {
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) f(m0, std::min<int64_t>(4, M - m0), b0, b1);
+  });
+}
+
+struct QuantizedX {
+  at::Tensor q, d, s, qs;  // [M, K] int8; [M, G] scales, sums of x, sums of q
+};
+
+QuantizedX quantize_x(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat, "x [M, K] fp32");
+  TORCH_CHECK(x.size(1) % 32 == 0, "K a multiple of 32");
+  const int64_t M = x.size(0), G = x.size(1) / 32;
+  QuantizedX r{at::empty(x.sizes(), x.options().dtype(at::kChar)), at::empty({M, G}, x.options()),
+               at::empty({M, G}, x.options()), at::empty({M, G}, x.options())};
+  quantize_groups(x.data_ptr<float>(), M, x.size(1), r.q.data_ptr<int8_t>(), r.d.data_ptr<float>(),
+                  r.s.data_ptr<float>(), r.qs.data_ptr<float>());
+  return r;
+}
+
+// x [M, K] fp32 @ int4 weights (8-row interleaved, see int4_rows8) -> [M, N] fp32
+at::Tensor int4_q8act_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                         const at::Tensor& zero) {
+  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0) * 8, G = K / 32;
+  TORCH_CHECK(codes.is_contiguous() && codes.scalar_type() == at::kByte && codes.numel() == N * K / 2,
+              "int4 codes [N/8, K/32, 4, 32] uint8");
+  TORCH_CHECK(scale.numel() == N * G && zero.numel() == N * G && scale.is_contiguous() && zero.is_contiguous(),
+              "scale, zero [N/8, K/32, 8] fp32");
+  const QuantizedX xq = quantize_x(x);
+  at::Tensor out = at::empty({M, N}, x.options());
+  const int8_t* q = xq.q.data_ptr<int8_t>();
+  const float *d = xq.d.data_ptr<float>(), *s = xq.s.data_ptr<float>(), *qs = xq.qs.data_ptr<float>();
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const float *sc = scale.data_ptr<float>(), *z = zero.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  over_row_blocks(M, N / 8, 4, [&](int64_t m0, int64_t rows, int64_t b0, int64_t b1) {
+    const int8_t* qm = q + m0 * K;
+    const float *dm = d + m0 * G, *sm = s + m0 * G, *qm_s = qs + m0 * G;
+    float* om = o + m0 * N;
+    switch (rows) {
+      case 1: int4_rows8<1>(qm, dm, sm, qm_s, K, c, sc, z, om, N, b0, b1); break;
+      case 2: int4_rows8<2>(qm, dm, sm, qm_s, K, c, sc, z, om, N, b0, b1); break;
+      case 3: int4_rows8<3>(qm, dm, sm, qm_s, K, c, sc, z, om, N, b0, b1); break;
+      default: int4_rows8<4>(qm, dm, sm, qm_s, K, c, sc, z, om, N, b0, b1); break;
+    }
+  });
+  return out;
+}
+
+// x [M, K] fp32 @ int8 weights (8-row interleaved, see int8_rows8) -> [M, N] fp32
+at::Tensor int8_q8act_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale) {
+  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0) * 8, G = K / 32;
+  TORCH_CHECK(codes.is_contiguous() && codes.scalar_type() == at::kChar && codes.numel() == N * K,
+              "int8 codes [N/8, K/32, 8, 32] int8");
+  TORCH_CHECK(scale.numel() == N && scale.is_contiguous() && scale.scalar_type() == at::kFloat, "scale [N] fp32");
+  const QuantizedX xq = quantize_x(x);
+  at::Tensor out = at::empty({M, N}, x.options());
+  const int8_t* q = xq.q.data_ptr<int8_t>();
+  const float* d = xq.d.data_ptr<float>();
+  const int8_t* c = codes.data_ptr<int8_t>();
+  const float* sc = scale.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  over_row_blocks(M, N / 8, 16, [&](int64_t m0, int64_t rows, int64_t b0, int64_t b1) {
+    const int8_t* qm = q + m0 * K;
+    const float* dm = d + m0 * G;
+    float* om = o + m0 * N;
+    switch (rows) {
+      case 1: int8_rows8<1>(qm, dm, K, c, sc, om, N, b0, b1); break;
+      case 2: int8_rows8<2>(qm, dm, K, c, sc, om, N, b0, b1); break;
+      case 3: int8_rows8<3>(qm, dm, K, c, sc, om, N, b0, b1); break;
+      default: int8_rows8<4>(qm, dm, K, c, sc, om, N, b0, b1); break;
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 // The kernels keep the GIL (microseconds each at one row): releasing it around every call, as torch's own
@@ -395,4 +593,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend", &attend, "one-row-per-session attention over sink+window slots");
   m.def("add_rms_norm_", &add_rms_norm_, "x += y in place, then RMSNorm in fp32, output fp32 or bf16");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
+  m.def("int4_q8act_mm", &int4_q8act_mm, "x @ int4 weights (8-row interleaved), x quantized to int8 per 32");
+  m.def("int8_q8act_mm", &int8_q8act_mm, "x @ int8 weights (8-row interleaved), x quantized to int8 per 32");
 }

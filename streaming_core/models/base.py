@@ -83,11 +83,14 @@ class DecoderModel:
     ) -> KernelReport:
         """Put every weight in the layouts and kernels measured fastest here for `weights` precision
         (the measurement is reused from `cache_dir` when this machine already made it); with `fused_dir`,
-        a model that has a fused decode layer on the CPU loads those kernels (built there once)."""
-        self.kernels = prepare_linears(self.linear_slots(), weights, cache_dir=cache_dir)
+        on the CPU the compiled kernels are loaded (built there once): their matmuls join the candidates,
+        and a model that has a fused decode layer runs its decode steps on them."""
         on_cpu = self.lm_head.device.type == "cpu" and self.lm_head.dtype == torch.float32
-        if fused_dir is not None and on_cpu and self.has_fused_decode:
-            self.fused = fused.load(fused_dir)
+        kernels = fused.load(fused_dir) if fused_dir is not None and on_cpu else None
+        # the quantized precisions' int8-activation matmuls live in the same compiled module
+        self.kernels = prepare_linears(self.linear_slots(), weights, cache_dir=cache_dir, fused=kernels)
+        if self.has_fused_decode:
+            self.fused = kernels
         return self.kernels
 
     has_fused_decode = False

@@ -14,14 +14,17 @@ import pytest
 import torch
 
 from streaming_core import fused
+from streaming_core import linear as lin
 from streaming_core.attention import StepContext
 from streaming_core.batch import BatchPlan, SeqChunk
 from streaming_core.config import CacheConfig
 from streaming_core.kv_pool import KVPool
 from streaming_core.models import build_model
+from streaming_core.quant import pack_rows8_int4, pack_rows8_int8, quantize_int4, quantize_int8
 from streaming_core.runner import ModelRunner
 
-from .helpers import tiny_llama
+from .helpers import make_runner, stream_logits, tiny_llama
+from .test_linear import _snap_to_q4_1
 
 CACHE = CacheConfig(sink_tokens=4, window=28, num_slots=4)
 
@@ -181,3 +184,80 @@ def test_prebuilt_copy_loads_without_a_compiler(kernels, monkeypatch, streamllm_
     module = fused.load(streamllm_data_dir / "torch-extensions")
     assert module is not None and callable(module.attend)
     assert fused.load(tmp_path / "empty") is None
+
+
+def _q8_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] quantized as the kernels do: per group of 32, codes round(x / d) with d = max|x| / 127
+    (ties to even, as the CPU rounds); returns the codes [M, G, 32] and d [M, G, 1] in float64."""
+    g = x.double().view(x.shape[0], -1, 32)
+    d = g.abs().amax(-1, keepdim=True).float().double() / 127  # the kernel divides in fp32
+    inv = torch.where(d > 0, 1 / d.float(), torch.zeros_like(d.float())).double()
+    return torch.round((g.float() * inv.float()).double()), d
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])  # each row template, and rows in chunks of 4
+def test_int8_activation_matmuls_equal_their_integer_formula(kernels, rows):
+    """int4_q8act_mm / int8_q8act_mm compute sum over groups of (codes . quantized x) * scales (+ the int4
+    offset times the exact group sum of x): the same numbers, from an independent formula, to fp32
+    rounding; so the only approximation is the activations' rounding, bounded in the next test."""
+    torch.manual_seed(rows)
+    n, k = 48, 96  # 6 blocks of 8 output rows, 3 groups of 32 inputs
+    w, x = torch.randn(n, k), torch.randn(rows, k) * 3
+    x[0, :32] = 0.0  # an all-zero group: scale 0, no division by it
+    xq, d = _q8_groups(x)  # [M, G, 32], [M, G, 1]
+    q4 = quantize_int4(w)
+    sz = q4.scale_zero.double().transpose(0, 1)  # [N, G, 2]
+    c = q4.codes.double().view(n, -1, 32) - 8  # [N, G, 32]
+    dots = torch.einsum("ngk,mgk->mng", c, xq)  # [M, N, G]
+    sums = x.double().view(rows, -1, 32).sum(-1)  # [M, G]
+    want4 = (dots * sz[None, :, :, 0] * d[:, None, :, 0]).sum(-1) + torch.einsum(
+        "ng,mg->mn", sz[..., 1], sums
+    )
+    got4 = kernels.int4_q8act_mm(x, *pack_rows8_int4(q4)).double()
+    torch.testing.assert_close(got4, want4, atol=1e-4 * want4.abs().max().item(), rtol=1e-5)
+    q8 = quantize_int8(w)
+    dots8 = torch.einsum("ngk,mgk->mng", q8.q.double().view(n, -1, 32), xq)
+    want8 = (dots8 * d[:, None, :, 0]).sum(-1) * q8.scales.double()
+    got8 = kernels.int8_q8act_mm(x, *pack_rows8_int8(q8)).double()
+    torch.testing.assert_close(got8, want8, atol=1e-4 * want8.abs().max().item(), rtol=1e-5)
+
+
+def test_int8_activation_matmuls_stay_near_the_exact_product(kernels):
+    """Against the quantized weights times unrounded x, the activations' rounding costs about half a
+    percent (1/254 of each group's largest value per element), as GGUF's Q8_0 does."""
+    torch.manual_seed(0)
+    w, x = torch.randn(256, 576) * 0.05, torch.randn(4, 576)
+    q4, q8 = quantize_int4(w), quantize_int8(w)
+    for kind, got, exact in (
+        ("int4", kernels.int4_q8act_mm(x, *pack_rows8_int4(q4)), q4.dequantized()),
+        ("int8", kernels.int8_q8act_mm(x, *pack_rows8_int8(q8)), q8.dequantized()),
+    ):
+        want = x.double() @ exact.double().T
+        err = ((got.double() - want).norm() / want.norm()).item()
+        assert 1e-4 < err < 1e-2, f"{kind}: relative error {err:.4f}"
+
+
+def test_a_model_on_the_int8_activation_kernels_stays_close_to_dense(
+    kernels, monkeypatch, streamllm_data_dir
+):
+    """Every matmul on the int8-activation kernels (prefill rows and fused decode steps alike) keeps the
+    logits near the dense model's and the argmax, on Q4_1-grid layers (what int4 holds exactly)."""
+    real = lin.candidates
+
+    def only_q8act(mode, weight, fused_kernels=None):
+        found = real(mode, weight, fused_kernels)
+        return {k: v for k, v in found.items() if k.endswith("q8act-f32")}
+
+    monkeypatch.setattr(lin, "candidates", only_q8act)
+    hf = tiny_llama()
+    _snap_to_q4_1(hf)
+    dense, quant = build_model(hf, torch.float32, "cpu"), build_model(hf, torch.float32, "cpu")
+    report = quant.prepare("int4", fused_dir=streamllm_data_dir / "torch-extensions")
+    assert quant.fused is not None
+    assert {best for _, _, best, _ in report.rows} == {"int4-q8act-f32", "int8-q8act-f32"}
+    tokens = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    want = stream_logits(make_runner(dense, 4, 28), tokens)  # [T, V]
+    got = stream_logits(make_runner(quant, 4, 28), tokens)
+    err = (got - want).abs().mean() / want.std()
+    assert err < 0.05, f"mean error {err:.3f} of the logits' std"
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.85
