@@ -385,9 +385,10 @@ def tune(
 _SOURCE_DIGEST = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
-def _machine_key(mode: str, by_role: dict[str, list[LinearSlot]]) -> str:
-    """What a tuning result depends on: the CPU, torch, its threads, the precision, every role's shapes
-    and this module's source (a changed kernel is measured again, even under its old name)."""
+def _machine_key(mode: str, by_role: dict[str, list[LinearSlot]], fused: ModuleType | None) -> str:
+    """What a tuning result depends on: the CPU, torch, its threads, the precision, every role's shapes,
+    this module's source and the compiled kernels' build (its directory names their source's digest), so
+    a changed kernel is measured again, even under its old name."""
     cpu = platform.processor()
     with contextlib.suppress(OSError):  # model name and flags: VMs often share a generic model name
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -397,7 +398,16 @@ def _machine_key(mode: str, by_role: dict[str, list[LinearSlot]]) -> str:
         for r, g in by_role.items()
     ]
     text = json.dumps(
-        [cpu, os.cpu_count(), torch.__version__, torch.get_num_threads(), mode, shapes, _SOURCE_DIGEST],
+        [
+            cpu,
+            os.cpu_count(),
+            torch.__version__,
+            torch.get_num_threads(),
+            mode,
+            shapes,
+            _SOURCE_DIGEST,
+            Path(getattr(fused, "__file__", "") or "").parent.name,
+        ],
         default=str,
     )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -414,13 +424,14 @@ def prepare_linears(
     """Replace every slot's weight by a `Linear` whose kernel per bucket was measured on its role.
 
     With `cache_dir`, the measured choice is stored per machine (CPU, torch version, threads, shapes) and
-    reused by later loads, so a restart neither re-measures nor picks differently on a busy moment.
+    reused by later loads, so a restart neither re-measures nor picks differently on a busy moment. With
+    `fused` (the compiled CPU kernels), their int8-activation matmuls are candidates too.
     """
     report = KernelReport(mode)
     by_role: dict[str, list[LinearSlot]] = {}
     for s in slots:
         by_role.setdefault(s.role, []).append(s)
-    cache_file = cache_dir / f"kernels-{_machine_key(mode, by_role)}.json" if cache_dir else None
+    cache_file = cache_dir / f"kernels-{_machine_key(mode, by_role, fused)}.json" if cache_dir else None
     cached: dict[str, Any] = {}
     if cache_file is not None and cache_file.is_file():
         with contextlib.suppress(ValueError, OSError):
