@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace {
@@ -504,6 +505,71 @@ void int8_rows8(const int8_t* XQ, const float* DX, int64_t K, const int8_t* code
   }
 }
 
+// The same two loops with AVX-VNNI's u8 x s8 dot product (four products summed into each int32 lane in
+// one instruction, where AVX2 needs maddubs, an add and madd), for CPUs that have it; the sums are the
+// same integers.
+template <int M>
+__attribute__((target("avx2,fma,avxvnni"))) void int4_rows8_vnni(
+    const int8_t* XQ, const float* DX, const float* XS, const float* QS, int64_t K, const uint8_t* codes,
+    const float* scale, const float* zero, float* out, int64_t N, int64_t b0, int64_t b1) {
+  const int64_t G = K / 32;
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  for (int64_t nb = b0; nb < b1; ++nb) {
+    __m256 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    const uint8_t* c = codes + nb * G * 128;
+    const float* s = scale + nb * G * 8;
+    const float* z = zero + nb * G * 8;
+    for (int64_t g = 0; g < G; ++g, c += 128) {
+      __m256i w[8];
+      for (int t = 0; t < 4; ++t) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * t));
+        w[t] = _mm256_and_si256(v, low);
+        w[t + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      }
+      const __m256 sc = _mm256_loadu_ps(s + g * 8), zv = _mm256_loadu_ps(z + g * 8);
+      for (int m = 0; m < M; ++m) {
+        const int8_t* xq = XQ + m * K + g * 32;
+        __m256i sum = _mm256_setzero_si256();
+        for (int t = 0; t < 8; ++t) sum = _mm256_dpbusd_avx_epi32(sum, w[t], broadcast4(xq + 4 * t));
+        const __m256 dot = _mm256_sub_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(8.f * QS[m * G + g]));
+        acc[m] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sc, _mm256_set1_ps(DX[m * G + g])), acc[m]);
+        acc[m] = _mm256_fmadd_ps(zv, _mm256_set1_ps(XS[m * G + g]), acc[m]);
+      }
+    }
+    for (int m = 0; m < M; ++m) _mm256_storeu_ps(out + m * N + nb * 8, acc[m]);
+  }
+}
+
+template <int M>
+__attribute__((target("avx2,fma,avxvnni"))) void int8_rows8_vnni(const int8_t* XQ, const float* DX, int64_t K,
+                                                                  const int8_t* codes, const float* scale,
+                                                                  float* out, int64_t N, int64_t b0, int64_t b1) {
+  const int64_t G = K / 32;
+  for (int64_t nb = b0; nb < b1; ++nb) {
+    __m256 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    const int8_t* w = codes + nb * G * 256;
+    for (int64_t g = 0; g < G; ++g, w += 256) {
+      __m256i sum[M];
+      for (int m = 0; m < M; ++m) sum[m] = _mm256_setzero_si256();
+      for (int t = 0; t < 8; ++t) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * t));
+        const __m256i wabs = _mm256_sign_epi8(wv, wv);
+        for (int m = 0; m < M; ++m)
+          sum[m] = _mm256_dpbusd_avx_epi32(sum[m], wabs, _mm256_sign_epi8(broadcast4(XQ + m * K + g * 32 + 4 * t), wv));
+      }
+      for (int m = 0; m < M; ++m)
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[m]), _mm256_set1_ps(DX[m * G + g]), acc[m]);
+    }
+    const __m256 sc = _mm256_loadu_ps(scale + nb * 8);
+    for (int m = 0; m < M; ++m) _mm256_storeu_ps(out + m * N + nb * 8, _mm256_mul_ps(acc[m], sc));
+  }
+}
+
+// Whether the int8-activation matmuls use AVX-VNNI: where the CPU has it, unless a test turns it off.
+bool use_vnni = __builtin_cpu_supports("avxvnni");
+
 // Runs f(first row of x, rows (<= 4), first block, end block) over blocks of 8 output rows in parallel.
 template <typename F>
 void over_row_blocks(int64_t M, int64_t blocks, int64_t grain, const F& f) {
@@ -542,10 +608,20 @@ at::Tensor int4_q8act_mm(const at::Tensor& x, const at::Tensor& codes, const at:
   const uint8_t* c = codes.data_ptr<uint8_t>();
   const float *sc = scale.data_ptr<float>(), *z = zero.data_ptr<float>();
   float* o = out.data_ptr<float>();
+  const bool vnni = use_vnni;
   over_row_blocks(M, N / 8, 4, [&](int64_t m0, int64_t rows, int64_t b0, int64_t b1) {
     const int8_t* qm = q + m0 * K;
     const float *dm = d + m0 * G, *sm = s + m0 * G, *qm_s = qs + m0 * G;
     float* om = o + m0 * N;
+    if (vnni) {
+      switch (rows) {
+        case 1: int4_rows8_vnni<1>(qm, dm, sm, qm_s, K, c, sc, z, om, N, b0, b1); break;
+        case 2: int4_rows8_vnni<2>(qm, dm, sm, qm_s, K, c, sc, z, om, N, b0, b1); break;
+        case 3: int4_rows8_vnni<3>(qm, dm, sm, qm_s, K, c, sc, z, om, N, b0, b1); break;
+        default: int4_rows8_vnni<4>(qm, dm, sm, qm_s, K, c, sc, z, om, N, b0, b1); break;
+      }
+      return;
+    }
     switch (rows) {
       case 1: int4_rows8<1>(qm, dm, sm, qm_s, K, c, sc, z, om, N, b0, b1); break;
       case 2: int4_rows8<2>(qm, dm, sm, qm_s, K, c, sc, z, om, N, b0, b1); break;
@@ -569,10 +645,20 @@ at::Tensor int8_q8act_mm(const at::Tensor& x, const at::Tensor& codes, const at:
   const int8_t* c = codes.data_ptr<int8_t>();
   const float* sc = scale.data_ptr<float>();
   float* o = out.data_ptr<float>();
+  const bool vnni = use_vnni;
   over_row_blocks(M, N / 8, 16, [&](int64_t m0, int64_t rows, int64_t b0, int64_t b1) {
     const int8_t* qm = q + m0 * K;
     const float* dm = d + m0 * G;
     float* om = o + m0 * N;
+    if (vnni) {
+      switch (rows) {
+        case 1: int8_rows8_vnni<1>(qm, dm, K, c, sc, om, N, b0, b1); break;
+        case 2: int8_rows8_vnni<2>(qm, dm, K, c, sc, om, N, b0, b1); break;
+        case 3: int8_rows8_vnni<3>(qm, dm, K, c, sc, om, N, b0, b1); break;
+        default: int8_rows8_vnni<4>(qm, dm, K, c, sc, om, N, b0, b1); break;
+      }
+      return;
+    }
     switch (rows) {
       case 1: int8_rows8<1>(qm, dm, K, c, sc, om, N, b0, b1); break;
       case 2: int8_rows8<2>(qm, dm, K, c, sc, om, N, b0, b1); break;
@@ -581,6 +667,13 @@ at::Tensor int8_q8act_mm(const at::Tensor& x, const at::Tensor& codes, const at:
     }
   });
   return out;
+}
+
+// Which instruction set the int8-activation matmuls run; `allow_vnni(false)` pins AVX2 (for tests on a
+// VNNI machine), `allow_vnni(true)` takes VNNI where the CPU has it. Returns the set now in use.
+std::string int8_dot_isa(c10::optional<bool> allow_vnni) {
+  if (allow_vnni.has_value()) use_vnni = *allow_vnni && __builtin_cpu_supports("avxvnni");
+  return use_vnni ? "avxvnni" : "avx2";
 }
 
 }  // namespace
@@ -594,5 +687,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm_", &add_rms_norm_, "x += y in place, then RMSNorm in fp32, output fp32 or bf16");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("int4_q8act_mm", &int4_q8act_mm, "x @ int4 weights (8-row interleaved), x quantized to int8 per 32");
+  m.def("int8_dot_isa", &int8_dot_isa, "the int8-activation matmuls' instruction set; optionally allow VNNI or not",
+        py::arg("allow_vnni") = py::none());
   m.def("int8_q8act_mm", &int8_q8act_mm, "x @ int8 weights (8-row interleaved), x quantized to int8 per 32");
 }

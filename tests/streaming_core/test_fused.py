@@ -195,8 +195,19 @@ def _q8_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round((g.float() * inv.float()).double()), d
 
 
+@pytest.fixture(params=["avx2", "avxvnni"])
+def int8_dot_isa(request, kernels):
+    """Runs a test with the int8-activation matmuls on AVX2, then on AVX-VNNI where the CPU has it."""
+    default = kernels.int8_dot_isa()
+    if kernels.int8_dot_isa(request.param == "avxvnni") != request.param:
+        kernels.int8_dot_isa(default == "avxvnni")
+        pytest.skip(f"this CPU has no {request.param}")
+    yield request.param
+    kernels.int8_dot_isa(default == "avxvnni")
+
+
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])  # each row template, and rows in chunks of 4
-def test_int8_activation_matmuls_equal_their_integer_formula(kernels, rows):
+def test_int8_activation_matmuls_equal_their_integer_formula(kernels, int8_dot_isa, rows):
     """int4_q8act_mm / int8_q8act_mm compute sum over groups of (codes . quantized x) * scales (+ the int4
     offset times the exact group sum of x): the same numbers, from an independent formula, to fp32
     rounding; so the only approximation is the activations' rounding, bounded in the next test."""
@@ -261,3 +272,21 @@ def test_a_model_on_the_int8_activation_kernels_stays_close_to_dense(
     err = (got - want).abs().mean() / want.std()
     assert err < 0.05, f"mean error {err:.3f} of the logits' std"
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.85
+
+
+def test_avx2_and_vnni_sum_the_same_integers(kernels):
+    """VNNI's dot product and AVX2's maddubs/madd chain add the same exact integer products: the outputs
+    are bit for bit equal (so which one a machine runs changes nothing)."""
+    default = kernels.int8_dot_isa()
+    if kernels.int8_dot_isa(True) != "avxvnni":
+        pytest.skip("this CPU has no AVX-VNNI")
+    try:
+        torch.manual_seed(0)
+        w, x = torch.randn(64, 576) * 0.05, torch.randn(6, 576)
+        q4, q8 = pack_rows8_int4(quantize_int4(w)), pack_rows8_int8(quantize_int8(w))
+        vnni = kernels.int4_q8act_mm(x, *q4), kernels.int8_q8act_mm(x, *q8)
+        assert kernels.int8_dot_isa(False) == "avx2"
+        avx2 = kernels.int4_q8act_mm(x, *q4), kernels.int8_q8act_mm(x, *q8)
+        assert torch.equal(vnni[0], avx2[0]) and torch.equal(vnni[1], avx2[1])
+    finally:
+        kernels.int8_dot_isa(default == "avxvnni")
