@@ -435,23 +435,60 @@ inline __m256i broadcast4(const int8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
+// How 8 vectors of u8 x s8 products are summed, exactly, into int32 lanes (4 products each per step):
+// AVX2's maddubs (pairs into int16), an add and madd, or AVX-VNNI's dot product in one instruction on
+// CPUs that have it. The integers are the same either way.
+#define STREAMLLM_VNNI __attribute__((target("avx2,fma,avxvnni")))
+
+struct Avx2Dot {
+  // int4 codes (u8 0..15) against xq: 15 * 127 * 2 per pair, 8 pairs summed: 30,480 fits int16
+  static inline __m256i int4(const __m256i* w, const int8_t* xq) {
+    __m256i p16 = _mm256_maddubs_epi16(w[0], broadcast4(xq));
+    for (int t = 1; t < 8; ++t) p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(w[t], broadcast4(xq + 4 * t)));
+    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+  }
+  // |w| (u8) against x carrying w's sign: up to 2 * 127 * 127 per pair, so to int32 at every step
+  static inline __m256i int8_step(__m256i sum, __m256i wabs, __m256i xs) {
+    return _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), _mm256_set1_epi16(1)));
+  }
+};
+
+struct VnniDot {
+  STREAMLLM_VNNI static inline __m256i int4(const __m256i* w, const int8_t* xq) {
+    __m256i sum = _mm256_setzero_si256();
+    for (int t = 0; t < 8; ++t) sum = _mm256_dpbusd_avx_epi32(sum, w[t], broadcast4(xq + 4 * t));
+    return sum;
+  }
+  STREAMLLM_VNNI static inline __m256i int8_step(__m256i sum, __m256i wabs, __m256i xs) {
+    return _mm256_dpbusd_avx_epi32(sum, wabs, xs);
+  }
+};
+
 // int4 codes of 8 interleaved rows: [N/8, G, 4, 32] bytes. Within group g of block nb, byte 4l + b of
 // vector t holds row 8nb + l's code at k = 4t + b (low nibble) and at k = 4(t + 4) + b (high nibble).
 // scale and zero [N/8, G, 8]: w = (code - 8) * scale + zero. The sums run over (code - 8) * xq, as
 // code * xq - 8 * sum(xq): a centred code keeps x's rounding error proportional to w - zero, not to w's
 // distance from its group's minimum. M <= 4 rows of x per call.
-template <int M>
-void int4_rows8(const int8_t* XQ, const float* DX, const float* XS, const float* QS, int64_t K,
-                const uint8_t* codes, const float* scale, const float* zero, float* out, int64_t N, int64_t b0,
-                int64_t b1) {
-  const int64_t G = K / 32;
-  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+struct Int4Args {
+  const int8_t* XQ;
+  const float *DX, *XS, *QS;
+  int64_t K;
+  const uint8_t* codes;
+  const float *scale, *zero;
+  float* out;
+  int64_t N;
+};
+
+template <int M, class Dot>
+__attribute__((always_inline)) inline void int4_rows8(const Int4Args& a, int64_t b0, int64_t b1) {
+  const int64_t G = a.K / 32;
+  const __m256i low = _mm256_set1_epi8(0x0F);
   for (int64_t nb = b0; nb < b1; ++nb) {
     __m256 acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
-    const uint8_t* c = codes + nb * G * 128;
-    const float* s = scale + nb * G * 8;
-    const float* z = zero + nb * G * 8;
+    const uint8_t* c = a.codes + nb * G * 128;
+    const float* s = a.scale + nb * G * 8;
+    const float* z = a.zero + nb * G * 8;
     for (int64_t g = 0; g < G; ++g, c += 128) {
       __m256i w[8];
       for (int t = 0; t < 4; ++t) {
@@ -461,109 +498,87 @@ void int4_rows8(const int8_t* XQ, const float* DX, const float* XS, const float*
       }
       const __m256 sc = _mm256_loadu_ps(s + g * 8), zv = _mm256_loadu_ps(z + g * 8);
       for (int m = 0; m < M; ++m) {
-        const int8_t* xq = XQ + m * K + g * 32;
-        // 15 * 127 * 2 per pair, 8 pairs summed: 30,480 fits int16
-        __m256i p16 = _mm256_maddubs_epi16(w[0], broadcast4(xq));
-        for (int t = 1; t < 8; ++t) p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(w[t], broadcast4(xq + 4 * t)));
-        const __m256 dot = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones)),
-                                         _mm256_set1_ps(8.f * QS[m * G + g]));
-        acc[m] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sc, _mm256_set1_ps(DX[m * G + g])), acc[m]);
-        acc[m] = _mm256_fmadd_ps(zv, _mm256_set1_ps(XS[m * G + g]), acc[m]);
+        const int64_t mg = m * G + g;
+        const __m256 dot = _mm256_sub_ps(_mm256_cvtepi32_ps(Dot::int4(w, a.XQ + m * a.K + g * 32)),
+                                         _mm256_set1_ps(8.f * a.QS[mg]));
+        acc[m] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sc, _mm256_set1_ps(a.DX[mg])), acc[m]);
+        acc[m] = _mm256_fmadd_ps(zv, _mm256_set1_ps(a.XS[mg]), acc[m]);
       }
     }
-    for (int m = 0; m < M; ++m) _mm256_storeu_ps(out + m * N + nb * 8, acc[m]);
+    for (int m = 0; m < M; ++m) _mm256_storeu_ps(a.out + m * a.N + nb * 8, acc[m]);
   }
 }
 
 // int8 codes of 8 interleaved rows: [N/8, G, 8, 32]; vector t of group g holds, in lane l, row 8nb + l's
 // codes at k = 4t..4t+3. scale [N]: w = code * scale.
-template <int M>
-void int8_rows8(const int8_t* XQ, const float* DX, int64_t K, const int8_t* codes, const float* scale,
-                float* out, int64_t N, int64_t b0, int64_t b1) {
-  const int64_t G = K / 32;
-  const __m256i ones = _mm256_set1_epi16(1);
+struct Int8Args {
+  const int8_t* XQ;
+  const float* DX;
+  int64_t K;
+  const int8_t* codes;
+  const float* scale;
+  float* out;
+  int64_t N;
+};
+
+template <int M, class Dot>
+__attribute__((always_inline)) inline void int8_rows8(const Int8Args& a, int64_t b0, int64_t b1) {
+  const int64_t G = a.K / 32;
   for (int64_t nb = b0; nb < b1; ++nb) {
     __m256 acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
-    const int8_t* w = codes + nb * G * 256;
+    const int8_t* w = a.codes + nb * G * 256;
     for (int64_t g = 0; g < G; ++g, w += 256) {
       __m256i sum[M];
       for (int m = 0; m < M; ++m) sum[m] = _mm256_setzero_si256();
       for (int t = 0; t < 8; ++t) {
         const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * t));
         const __m256i wabs = _mm256_sign_epi8(wv, wv);  // u8 x s8 multiply: move w's sign onto x
-        for (int m = 0; m < M; ++m) {
-          const __m256i xs = _mm256_sign_epi8(broadcast4(XQ + m * K + g * 32 + 4 * t), wv);
-          sum[m] = _mm256_add_epi32(sum[m], _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), ones));
-        }
-      }
-      for (int m = 0; m < M; ++m)
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[m]), _mm256_set1_ps(DX[m * G + g]), acc[m]);
-    }
-    const __m256 sc = _mm256_loadu_ps(scale + nb * 8);
-    for (int m = 0; m < M; ++m) _mm256_storeu_ps(out + m * N + nb * 8, _mm256_mul_ps(acc[m], sc));
-  }
-}
-
-// The same two loops with AVX-VNNI's u8 x s8 dot product (four products summed into each int32 lane in
-// one instruction, where AVX2 needs maddubs, an add and madd), for CPUs that have it; the sums are the
-// same integers.
-template <int M>
-__attribute__((target("avx2,fma,avxvnni"))) void int4_rows8_vnni(
-    const int8_t* XQ, const float* DX, const float* XS, const float* QS, int64_t K, const uint8_t* codes,
-    const float* scale, const float* zero, float* out, int64_t N, int64_t b0, int64_t b1) {
-  const int64_t G = K / 32;
-  const __m256i low = _mm256_set1_epi8(0x0F);
-  for (int64_t nb = b0; nb < b1; ++nb) {
-    __m256 acc[M];
-    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
-    const uint8_t* c = codes + nb * G * 128;
-    const float* s = scale + nb * G * 8;
-    const float* z = zero + nb * G * 8;
-    for (int64_t g = 0; g < G; ++g, c += 128) {
-      __m256i w[8];
-      for (int t = 0; t < 4; ++t) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * t));
-        w[t] = _mm256_and_si256(v, low);
-        w[t + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-      }
-      const __m256 sc = _mm256_loadu_ps(s + g * 8), zv = _mm256_loadu_ps(z + g * 8);
-      for (int m = 0; m < M; ++m) {
-        const int8_t* xq = XQ + m * K + g * 32;
-        __m256i sum = _mm256_setzero_si256();
-        for (int t = 0; t < 8; ++t) sum = _mm256_dpbusd_avx_epi32(sum, w[t], broadcast4(xq + 4 * t));
-        const __m256 dot = _mm256_sub_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(8.f * QS[m * G + g]));
-        acc[m] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sc, _mm256_set1_ps(DX[m * G + g])), acc[m]);
-        acc[m] = _mm256_fmadd_ps(zv, _mm256_set1_ps(XS[m * G + g]), acc[m]);
-      }
-    }
-    for (int m = 0; m < M; ++m) _mm256_storeu_ps(out + m * N + nb * 8, acc[m]);
-  }
-}
-
-template <int M>
-__attribute__((target("avx2,fma,avxvnni"))) void int8_rows8_vnni(const int8_t* XQ, const float* DX, int64_t K,
-                                                                  const int8_t* codes, const float* scale,
-                                                                  float* out, int64_t N, int64_t b0, int64_t b1) {
-  const int64_t G = K / 32;
-  for (int64_t nb = b0; nb < b1; ++nb) {
-    __m256 acc[M];
-    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
-    const int8_t* w = codes + nb * G * 256;
-    for (int64_t g = 0; g < G; ++g, w += 256) {
-      __m256i sum[M];
-      for (int m = 0; m < M; ++m) sum[m] = _mm256_setzero_si256();
-      for (int t = 0; t < 8; ++t) {
-        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * t));
-        const __m256i wabs = _mm256_sign_epi8(wv, wv);
         for (int m = 0; m < M; ++m)
-          sum[m] = _mm256_dpbusd_avx_epi32(sum[m], wabs, _mm256_sign_epi8(broadcast4(XQ + m * K + g * 32 + 4 * t), wv));
+          sum[m] = Dot::int8_step(sum[m], wabs, _mm256_sign_epi8(broadcast4(a.XQ + m * a.K + g * 32 + 4 * t), wv));
       }
       for (int m = 0; m < M; ++m)
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[m]), _mm256_set1_ps(DX[m * G + g]), acc[m]);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[m]), _mm256_set1_ps(a.DX[m * G + g]), acc[m]);
     }
-    const __m256 sc = _mm256_loadu_ps(scale + nb * 8);
-    for (int m = 0; m < M; ++m) _mm256_storeu_ps(out + m * N + nb * 8, _mm256_mul_ps(acc[m], sc));
+    const __m256 sc = _mm256_loadu_ps(a.scale + nb * 8);
+    for (int m = 0; m < M; ++m) _mm256_storeu_ps(a.out + m * a.N + nb * 8, _mm256_mul_ps(acc[m], sc));
+  }
+}
+
+// The loops for 1..4 rows of x, compiled once for AVX2 and once with VNNI enabled.
+template <class Args, void (*R1)(const Args&, int64_t, int64_t), void (*R2)(const Args&, int64_t, int64_t),
+          void (*R3)(const Args&, int64_t, int64_t), void (*R4)(const Args&, int64_t, int64_t)>
+inline void by_rows(int64_t rows, const Args& a, int64_t b0, int64_t b1) {
+  switch (rows) {
+    case 1: R1(a, b0, b1); break;
+    case 2: R2(a, b0, b1); break;
+    case 3: R3(a, b0, b1); break;
+    default: R4(a, b0, b1); break;
+  }
+}
+
+template <int M> void int4_avx2(const Int4Args& a, int64_t b0, int64_t b1) { int4_rows8<M, Avx2Dot>(a, b0, b1); }
+template <int M> STREAMLLM_VNNI void int4_vnni(const Int4Args& a, int64_t b0, int64_t b1) {
+  int4_rows8<M, VnniDot>(a, b0, b1);
+}
+template <int M> void int8_avx2(const Int8Args& a, int64_t b0, int64_t b1) { int8_rows8<M, Avx2Dot>(a, b0, b1); }
+template <int M> STREAMLLM_VNNI void int8_vnni(const Int8Args& a, int64_t b0, int64_t b1) {
+  int8_rows8<M, VnniDot>(a, b0, b1);
+}
+
+void int4_rows(bool vnni, int64_t rows, const Int4Args& a, int64_t b0, int64_t b1) {
+  if (vnni) {
+    by_rows<Int4Args, int4_vnni<1>, int4_vnni<2>, int4_vnni<3>, int4_vnni<4>>(rows, a, b0, b1);
+  } else {
+    by_rows<Int4Args, int4_avx2<1>, int4_avx2<2>, int4_avx2<3>, int4_avx2<4>>(rows, a, b0, b1);
+  }
+}
+
+void int8_rows(bool vnni, int64_t rows, const Int8Args& a, int64_t b0, int64_t b1) {
+  if (vnni) {
+    by_rows<Int8Args, int8_vnni<1>, int8_vnni<2>, int8_vnni<3>, int8_vnni<4>>(rows, a, b0, b1);
+  } else {
+    by_rows<Int8Args, int8_avx2<1>, int8_avx2<2>, int8_avx2<3>, int8_avx2<4>>(rows, a, b0, b1);
   }
 }
 
@@ -603,31 +618,14 @@ at::Tensor int4_q8act_mm(const at::Tensor& x, const at::Tensor& codes, const at:
               "scale, zero [N/8, K/32, 8] fp32");
   const QuantizedX xq = quantize_x(x);
   at::Tensor out = at::empty({M, N}, x.options());
-  const int8_t* q = xq.q.data_ptr<int8_t>();
-  const float *d = xq.d.data_ptr<float>(), *s = xq.s.data_ptr<float>(), *qs = xq.qs.data_ptr<float>();
-  const uint8_t* c = codes.data_ptr<uint8_t>();
-  const float *sc = scale.data_ptr<float>(), *z = zero.data_ptr<float>();
-  float* o = out.data_ptr<float>();
+  const Int4Args all{xq.q.data_ptr<int8_t>(), xq.d.data_ptr<float>(), xq.s.data_ptr<float>(),
+                     xq.qs.data_ptr<float>(),  K, codes.data_ptr<uint8_t>(), scale.data_ptr<float>(),
+                     zero.data_ptr<float>(),   out.data_ptr<float>(), N};
   const bool vnni = use_vnni;
   over_row_blocks(M, N / 8, 4, [&](int64_t m0, int64_t rows, int64_t b0, int64_t b1) {
-    const int8_t* qm = q + m0 * K;
-    const float *dm = d + m0 * G, *sm = s + m0 * G, *qm_s = qs + m0 * G;
-    float* om = o + m0 * N;
-    if (vnni) {
-      switch (rows) {
-        case 1: int4_rows8_vnni<1>(qm, dm, sm, qm_s, K, c, sc, z, om, N, b0, b1); break;
-        case 2: int4_rows8_vnni<2>(qm, dm, sm, qm_s, K, c, sc, z, om, N, b0, b1); break;
-        case 3: int4_rows8_vnni<3>(qm, dm, sm, qm_s, K, c, sc, z, om, N, b0, b1); break;
-        default: int4_rows8_vnni<4>(qm, dm, sm, qm_s, K, c, sc, z, om, N, b0, b1); break;
-      }
-      return;
-    }
-    switch (rows) {
-      case 1: int4_rows8<1>(qm, dm, sm, qm_s, K, c, sc, z, om, N, b0, b1); break;
-      case 2: int4_rows8<2>(qm, dm, sm, qm_s, K, c, sc, z, om, N, b0, b1); break;
-      case 3: int4_rows8<3>(qm, dm, sm, qm_s, K, c, sc, z, om, N, b0, b1); break;
-      default: int4_rows8<4>(qm, dm, sm, qm_s, K, c, sc, z, om, N, b0, b1); break;
-    }
+    Int4Args a = all;
+    a.XQ += m0 * K, a.DX += m0 * G, a.XS += m0 * G, a.QS += m0 * G, a.out += m0 * N;
+    int4_rows(vnni, rows, a, b0, b1);
   });
   return out;
 }
@@ -640,31 +638,13 @@ at::Tensor int8_q8act_mm(const at::Tensor& x, const at::Tensor& codes, const at:
   TORCH_CHECK(scale.numel() == N && scale.is_contiguous() && scale.scalar_type() == at::kFloat, "scale [N] fp32");
   const QuantizedX xq = quantize_x(x);
   at::Tensor out = at::empty({M, N}, x.options());
-  const int8_t* q = xq.q.data_ptr<int8_t>();
-  const float* d = xq.d.data_ptr<float>();
-  const int8_t* c = codes.data_ptr<int8_t>();
-  const float* sc = scale.data_ptr<float>();
-  float* o = out.data_ptr<float>();
+  const Int8Args all{xq.q.data_ptr<int8_t>(), xq.d.data_ptr<float>(), K, codes.data_ptr<int8_t>(),
+                     scale.data_ptr<float>(), out.data_ptr<float>(), N};
   const bool vnni = use_vnni;
   over_row_blocks(M, N / 8, 16, [&](int64_t m0, int64_t rows, int64_t b0, int64_t b1) {
-    const int8_t* qm = q + m0 * K;
-    const float* dm = d + m0 * G;
-    float* om = o + m0 * N;
-    if (vnni) {
-      switch (rows) {
-        case 1: int8_rows8_vnni<1>(qm, dm, K, c, sc, om, N, b0, b1); break;
-        case 2: int8_rows8_vnni<2>(qm, dm, K, c, sc, om, N, b0, b1); break;
-        case 3: int8_rows8_vnni<3>(qm, dm, K, c, sc, om, N, b0, b1); break;
-        default: int8_rows8_vnni<4>(qm, dm, K, c, sc, om, N, b0, b1); break;
-      }
-      return;
-    }
-    switch (rows) {
-      case 1: int8_rows8<1>(qm, dm, K, c, sc, om, N, b0, b1); break;
-      case 2: int8_rows8<2>(qm, dm, K, c, sc, om, N, b0, b1); break;
-      case 3: int8_rows8<3>(qm, dm, K, c, sc, om, N, b0, b1); break;
-      default: int8_rows8<4>(qm, dm, K, c, sc, om, N, b0, b1); break;
-    }
+    Int8Args a = all;
+    a.XQ += m0 * K, a.DX += m0 * G, a.out += m0 * N;
+    int8_rows(vnni, rows, a, b0, b1);
   });
   return out;
 }
