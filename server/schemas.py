@@ -87,6 +87,12 @@ class GenerationRequest(BaseModel):
     n: int | None = None
     logit_bias: dict[str, Any] | None = None
 
+    @field_validator("model", "user", "session_id")
+    @classmethod
+    def _utf8(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # echoed, stored in Redis or used as keys: a lone surrogate is the client's 400, not our 500
+        return None if value is None else utf8_text(value, info.field_name or "a string")
+
     @field_validator("stop", mode="before")
     @classmethod
     def _stop(cls, value: Any) -> Any:

@@ -171,6 +171,11 @@ class CreateResponseRequest(GenerationRequest):
     def _metadata(cls, value: Any) -> Any:
         return _metadata(value)
 
+    @field_validator("previous_response_id", "conversation")
+    @classmethod
+    def _utf8_id(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else utf8_text(value, info.field_name or "an id")
+
     @field_validator("tools", "tool_choice", "include", "background", "text", "top_logprobs", "service_tier")
     @classmethod
     def _neutral_only(cls, value: Any, info: ValidationInfo) -> Any:

@@ -84,6 +84,8 @@ def test_invalid_json_and_bodies(live: LiveServer) -> None:
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content"),
+        ({"user": "\ud800"}, "user"),
+        ({"model": "\udfff"}, "model"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
             "messages[0].content",

@@ -311,6 +311,9 @@ BAD_BODIES: list[tuple[dict[str, Any], str]] = [
     ({"input": "x", "metadata": {"k": "v" * 513}}, "metadata"),
     ({"input": "", "metadata": {"\ud800": ""}}, "metadata"),  # found by test_fuzz: a lone surrogate was a 500
     ({"input": "x", "metadata": {"k": "\udfff"}}, "metadata"),
+    ({"input": "", "user": "\ud800"}, "user"),  # found by test_fuzz: echoed into Redis, a 500
+    ({"input": "x", "previous_response_id": "resp_\ud800"}, "previous_response_id"),
+    ({"input": "x", "conversation": "conv_\udc00"}, "conversation"),
     ({"input": []}, "input"),
     ({}, "input"),
     ({"input": [{"role": "assistant", "content": "x"}]}, "input"),
