@@ -206,7 +206,8 @@ def candidates(
 ) -> dict[str, Callable[[torch.Tensor, torch.Tensor | None], Kernel]]:
     """Kernels that compute `mode`'s weights for this weight on its device (with `fused`, the compiled
     CPU kernels, also their int8-activation matmuls)."""
-    rows8 = fused is not None and weight.dtype == torch.float32 and rows8_supported(weight)
+    # the compiled module, where it can take this weight
+    q8act = fused if weight.dtype == torch.float32 and rows8_supported(weight) else None
     if mode == "dense":
         kernels: dict[str, Callable[[torch.Tensor, torch.Tensor | None], Kernel]] = {
             "dense-nn": _dense_nn,
@@ -225,9 +226,8 @@ def candidates(
             "int8-codes-bf16": _int8_codes_bf16,
             "int8-dequant-f32": _dequantized(quantize_int8),
         }
-        if rows8:
-            assert fused is not None
-            kernels["int8-q8act-f32"] = _int8_q8act(fused)
+        if q8act is not None:
+            kernels["int8-q8act-f32"] = _int8_q8act(q8act)
         return kernels
     if mode == "int4":
         if not int4_supported(weight):
@@ -237,9 +237,8 @@ def candidates(
             "int4-dequant-f32": _dequantized(quantize_int4),
             "int4-dequant-bf16": _dequantized_bf16(quantize_int4),
         }
-        if rows8:
-            assert fused is not None
-            kernels["int4-q8act-f32"] = _int4_q8act(fused)
+        if q8act is not None:
+            kernels["int4-q8act-f32"] = _int4_q8act(q8act)
         return kernels
     raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}; got {mode!r}")
 

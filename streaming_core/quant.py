@@ -75,12 +75,11 @@ def rows8_supported(w: torch.Tensor) -> bool:
     return k % INT4_GROUP == 0 and out % 8 == 0
 
 
-def _interleave_rows8(codes: torch.Tensor, steps: int) -> torch.Tensor:
-    """[out, in] codes -> [out/8, in/32, steps, 8, 32/steps]: per group of 32 inputs, vector t holds each
-    of 8 rows' codes t*(32/steps) onwards side by side (the kernels' lane l = row l)."""
+def _interleave_rows8(codes: torch.Tensor) -> torch.Tensor:
+    """[out, in] codes -> [out/8, in/32, 8 steps, 8 rows, 4]: per group of 32 inputs, step t holds each of
+    8 rows' codes 4t..4t+3 side by side (the kernels' lane l = row l)."""
     out, k = codes.shape
-    per = INT4_GROUP // steps
-    return codes.view(out // 8, 8, k // INT4_GROUP, steps, per).permute(0, 2, 3, 1, 4)
+    return codes.view(out // 8, 8, k // INT4_GROUP, 8, 4).permute(0, 2, 3, 1, 4)
 
 
 def pack_rows8_int4(q4: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -88,7 +87,7 @@ def pack_rows8_int4(q4: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.T
     byte 4l+b of vector t, k = 4(t+4)+b in its high nibble), scale and zero [out/8, in/32, 8] fp32 with
     w = (code - 8) * scale + zero, the weights of `q4.dequantized()`."""
     out, k = q4.codes.shape
-    c = _interleave_rows8(q4.codes, 8)  # [out/8, groups, 8 steps, 8 rows, 4]
+    c = _interleave_rows8(q4.codes)  # [out/8, groups, 8 steps, 8 rows, 4]
     packed = (c[:, :, :4] | (c[:, :, 4:] << 4)).reshape(out // 8, k // INT4_GROUP, 4, 32).contiguous()
     sz = q4.scale_zero.float().transpose(0, 1)  # [out, groups, 2]
     scale, zero = sz[..., 0], sz[..., 1]
@@ -103,5 +102,5 @@ def pack_rows8_int8(q8: Int8Weight) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 codes for `int8_q8act_mm`: [out/8, in/32, 8, 32] (lane l of vector t: row l's codes 4t..4t+3)
     and the per-row scales [out] fp32."""
     out, k = q8.q.shape
-    packed = _interleave_rows8(q8.q, 8).reshape(out // 8, k // INT4_GROUP, 8, 32).contiguous()
+    packed = _interleave_rows8(q8.q).reshape(out // 8, k // INT4_GROUP, 8, 32).contiguous()
     return packed, q8.scales.float().contiguous()

@@ -86,11 +86,11 @@ class DecoderModel:
         on the CPU the compiled kernels are loaded (built there once): their matmuls join the candidates,
         and a model that has a fused decode layer runs its decode steps on them."""
         on_cpu = self.lm_head.device.type == "cpu" and self.lm_head.dtype == torch.float32
-        kernels = fused.load(fused_dir) if fused_dir is not None and on_cpu else None
+        compiled = fused.load(fused_dir) if fused_dir is not None and on_cpu else None
         # the quantized precisions' int8-activation matmuls live in the same compiled module
-        self.kernels = prepare_linears(self.linear_slots(), weights, cache_dir=cache_dir, fused=kernels)
+        self.kernels = prepare_linears(self.linear_slots(), weights, cache_dir=cache_dir, fused=compiled)
         if self.has_fused_decode:
-            self.fused = kernels
+            self.fused = compiled
         return self.kernels
 
     has_fused_decode = False
