@@ -34,9 +34,12 @@ from .quant import (
     int4_supported,
     pack_rows8_int4,
     pack_rows8_int8,
+    pack_tiles_int4,
+    pack_tiles_int8,
     quantize_int4,
     quantize_int8,
     rows8_supported,
+    tiles_supported,
 )
 
 log = logging.getLogger(__name__)
@@ -153,24 +156,21 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
     return (x if x.dtype == torch.float32 else x.float()).contiguous()
 
 
-def _int4_q8act(fused: ModuleType) -> Callable[[torch.Tensor, torch.Tensor | None], Kernel]:
-    """int4's codes times activations quantized to int8 per group of 32 (`int4_q8act_mm`, AVX2 integer
-    multiply-adds, 8 output rows per vector): the same weights; the activations rounded by up to 1/254 of
-    their group's largest value, as GGUF's Q8_0 does on llama.cpp's CPU path."""
+def _on_fused(
+    quantize: Callable[[torch.Tensor], Any],
+    pack: Callable[[Any], tuple[torch.Tensor, ...]],
+    mm: Callable[..., Any],
+) -> Callable[[torch.Tensor, torch.Tensor | None], Kernel]:
+    """A compiled int8-activation matmul (fused/decode_cpu.cpp) over `pack(quantize(w))`. Each activation
+    group of 32 is rounded to int8 (scale max|x| / 127, as GGUF's Q8_0 on llama.cpp's CPU path) and
+    multiplied by the quantized weights' integer codes: the same weights, activations rounded by up to
+    1/254 of their group's largest value. int4_q8act_mm / int8_q8act_mm run AVX2 (or AVX-VNNI) integer
+    multiply-adds with 8 output rows per vector; q8act_amx_mm the same products on AMX tiles, summed in the
+    same order (the same bits), with one tile instruction per 16 x 16 outputs and group."""
 
     def build(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
-        codes, scale, zero = pack_rows8_int4(quantize_int4(w))
-        return _with_bias(lambda x: fused.int4_q8act_mm(_f32(x), codes, scale, zero), b)
-
-    return build
-
-
-def _int8_q8act(fused: ModuleType) -> Callable[[torch.Tensor, torch.Tensor | None], Kernel]:
-    """int8's codes times activations quantized to int8 per group of 32 (`int8_q8act_mm`)."""
-
-    def build(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
-        codes, scale = pack_rows8_int8(quantize_int8(w))
-        return _with_bias(lambda x: fused.int8_q8act_mm(_f32(x), codes, scale), b)
+        packed = pack(quantize(w))
+        return _with_bias(lambda x: mm(_f32(x), *packed), b)
 
     return build
 
@@ -208,6 +208,7 @@ def candidates(
     CPU kernels, also their int8-activation matmuls)."""
     # the compiled module, where it can take this weight
     q8act = fused if weight.dtype == torch.float32 and rows8_supported(weight) else None
+    amx = q8act if q8act is not None and tiles_supported(weight) and q8act.amx_available() else None
     if mode == "dense":
         kernels: dict[str, Callable[[torch.Tensor, torch.Tensor | None], Kernel]] = {
             "dense-nn": _dense_nn,
@@ -227,7 +228,9 @@ def candidates(
             "int8-dequant-f32": _dequantized(quantize_int8),
         }
         if q8act is not None:
-            kernels["int8-q8act-f32"] = _int8_q8act(q8act)
+            kernels["int8-q8act-f32"] = _on_fused(quantize_int8, pack_rows8_int8, q8act.int8_q8act_mm)
+        if amx is not None:
+            kernels["int8-q8act-amx-f32"] = _on_fused(quantize_int8, pack_tiles_int8, amx.q8act_amx_mm)
         return kernels
     if mode == "int4":
         if not int4_supported(weight):
@@ -238,7 +241,9 @@ def candidates(
             "int4-dequant-bf16": _dequantized_bf16(quantize_int4),
         }
         if q8act is not None:
-            kernels["int4-q8act-f32"] = _int4_q8act(q8act)
+            kernels["int4-q8act-f32"] = _on_fused(quantize_int4, pack_rows8_int4, q8act.int4_q8act_mm)
+        if amx is not None:
+            kernels["int4-q8act-amx-f32"] = _on_fused(quantize_int4, pack_tiles_int4, amx.q8act_amx_mm)
         return kernels
     raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}; got {mode!r}")
 

@@ -68,6 +68,12 @@ def quantize_int4(w: torch.Tensor) -> Int4Weight:
     return Int4Weight(packed, scale_zero, codes_u8)
 
 
+def tiles_supported(w: torch.Tensor) -> bool:
+    """The AMX kernel (`q8act_amx_mm`) takes outputs in tiles of 16 rows and inputs in groups of 32."""
+    out, k = w.shape
+    return k % INT4_GROUP == 0 and out % 16 == 0
+
+
 def rows8_supported(w: torch.Tensor) -> bool:
     """The fused int8-activation kernels (fused/decode_cpu.cpp) take outputs in blocks of 8 rows and
     inputs in whole groups of 32."""
@@ -75,11 +81,11 @@ def rows8_supported(w: torch.Tensor) -> bool:
     return k % INT4_GROUP == 0 and out % 8 == 0
 
 
-def _interleave_rows8(codes: torch.Tensor) -> torch.Tensor:
-    """[out, in] codes -> [out/8, in/32, 8 steps, 8 rows, 4]: per group of 32 inputs, step t holds each of
-    8 rows' codes 4t..4t+3 side by side (the kernels' lane l = row l)."""
+def _interleave_rows(codes: torch.Tensor, rows: int) -> torch.Tensor:
+    """[out, in] codes -> [out/rows, in/32, 8 steps, rows, 4]: per group of 32 inputs, step t holds each of
+    `rows` rows' codes 4t..4t+3 side by side (the AVX2 kernels' lane l, or an AMX tile's column l = row l)."""
     out, k = codes.shape
-    return codes.view(out // 8, 8, k // INT4_GROUP, 8, 4).permute(0, 2, 3, 1, 4)
+    return codes.view(out // rows, rows, k // INT4_GROUP, 8, 4).permute(0, 2, 3, 1, 4)
 
 
 def pack_rows8_int4(q4: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,7 +93,7 @@ def pack_rows8_int4(q4: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.T
     byte 4l+b of vector t, k = 4(t+4)+b in its high nibble), scale and zero [out/8, in/32, 8] fp32 with
     w = (code - 8) * scale + zero, the weights of `q4.dequantized()`."""
     out, k = q4.codes.shape
-    c = _interleave_rows8(q4.codes)  # [out/8, groups, 8 steps, 8 rows, 4]
+    c = _interleave_rows(q4.codes, 8)  # [out/8, groups, 8 steps, 8 rows, 4]
     packed = (c[:, :, :4] | (c[:, :, 4:] << 4)).reshape(out // 8, k // INT4_GROUP, 4, 32).contiguous()
     sz = q4.scale_zero.float().transpose(0, 1)  # [out, groups, 2]
     scale, zero = sz[..., 0], sz[..., 1]
@@ -102,5 +108,27 @@ def pack_rows8_int8(q8: Int8Weight) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 codes for `int8_q8act_mm`: [out/8, in/32, 8, 32] (lane l of vector t: row l's codes 4t..4t+3)
     and the per-row scales [out] fp32."""
     out, k = q8.q.shape
-    packed = _interleave_rows8(q8.q).reshape(out // 8, k // INT4_GROUP, 8, 32).contiguous()
+    packed = _interleave_rows(q8.q, 8).reshape(out // 8, k // INT4_GROUP, 8, 32).contiguous()
     return packed, q8.scales.float().contiguous()
+
+
+def _scale_tiles(a: torch.Tensor) -> torch.Tensor:
+    """[out, groups] -> [out/16, groups, 16]: one group's scales for an AMX tile's 16 columns together."""
+    return a.reshape(a.shape[0] // 16, 16, -1).permute(0, 2, 1).contiguous()
+
+
+def pack_tiles_int4(q4: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int4 weights for `q8act_amx_mm`: the centred codes (code - 8) as int8 in the AMX tile layout
+    [out/16, in/32, 8, 64], scale and zero [out/16, in/32, 16] fp32: the weights of `q4.dequantized()`."""
+    out, k = q4.codes.shape
+    centred = (q4.codes.to(torch.int16) - 8).to(torch.int8)
+    codes = _interleave_rows(centred, 16).reshape(out // 16, k // INT4_GROUP, 8, 64).contiguous()
+    sz = q4.scale_zero.float().transpose(0, 1)  # [out, groups, 2]
+    return codes, _scale_tiles(sz[..., 0]), _scale_tiles(sz[..., 1])
+
+
+def pack_tiles_int8(q8: Int8Weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 weights for `q8act_amx_mm`: codes [out/16, in/32, 8, 64] and the per-row scales [out] fp32."""
+    out, k = q8.q.shape
+    codes = _interleave_rows(q8.q, 16).reshape(out // 16, k // INT4_GROUP, 8, 64).contiguous()
+    return codes, q8.scales.float().contiguous()

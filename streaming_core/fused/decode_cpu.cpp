@@ -6,7 +6,8 @@
 // the tests compare them with the eager path.
 //
 // The same module holds matmuls over int8-quantized activations (the int4 and int8 precisions' fastest
-// kernels at a few rows on this kind of CPU; see the section below).
+// kernels at a few rows on this kind of CPU; see the section below), and the same matmuls on AMX tiles
+// for more rows, where the CPU has them (chosen at run time; the module itself needs only AVX2).
 //
 // Layouts (all contiguous): qkv [B, (H + 2 kvh) * hd]; rope tables [B, hd] (cos, and sin signed as
 // positions.rotate expects); pool K/V [slots, kvh, cap, hd]; bias [B, L] additive (0 or -inf).
@@ -22,6 +23,9 @@
 #include <cstring>
 #include <string>
 #include <vector>
+
+#include <sys/syscall.h>
+#include <unistd.h>
 
 namespace {
 
@@ -656,6 +660,157 @@ std::string int8_dot_isa(c10::optional<bool> allow_vnni) {
   return use_vnni ? "avxvnni" : "avx2";
 }
 
+
+// -- the same matmuls on AMX tiles -----------------------------------------------------------------
+// On CPUs with AMX (Sapphire Rapids and later) one tile instruction multiplies a 16 x 32 block of int8
+// activations by a 32 x 16 block of int8 weights into 16 x 16 int32 sums: 8,192 multiply-adds, where an
+// AVX2 instruction does 32. Every group of 32 inputs has its own scales, so each product covers one
+// group, and its sums are scaled into fp32 accumulators with AVX-512, in exactly the order the AVX2
+// loops above use: the two give the same bits. The weights are stored as int8 (int4 codes centred,
+// code - 8), in the tiles' layout: [N/16, K/32, 8, 64], where row r of a group's block holds, for each of
+// 16 output rows j, its 4 inputs 4r..4r+3 at bytes 4j..4j+3. The tiles need the kernel's permission to
+// use their register state (arch_prctl), asked for once per process.
+#define STREAMLLM_AMX __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,amx-tile,amx-int8")))
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+bool amx_permitted() {
+  static const bool ok = [] {
+    if (!__builtin_cpu_supports("amx-int8") || !__builtin_cpu_supports("amx-tile")) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;  // linux/arch/x86/include/uapi/asm/prctl.h
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  }();
+  return ok;
+}
+
+struct AmxArgs {
+  const int8_t* XQ;  // [Mp, K] (whole tiles), rows past M zero
+  const float *DX, *XS;  // [Mp, G], rows past M zero
+  int64_t M, K;
+  const int8_t* codes;  // [N/16, G, 8, 64]
+  const float *scale, *zero;  // int4: [N/16, G, 16] each; int8: scale [N], zero null
+  float* out;
+  int64_t N;
+};
+
+// One block of 16 rows from m0 by NT output tiles from n0 (16 columns each). The tile products of a few
+// groups go to memory first (tile 0 the activations, 2-3 the weights, 4-5 the sums), then each output
+// row folds them into its fp32 accumulators group by group, in the AVX2 loops' order.
+template <int NT, bool Int4>
+STREAMLLM_AMX void amx_block(const AmxArgs& a, int64_t m0, int64_t n0) {
+  constexpr int64_t kChunk = 8;  // groups whose sums are held at once: 16 KB at two tiles
+  const int64_t G = a.K / 32, rows = std::min<int64_t>(16, a.M - m0);
+  alignas(64) int32_t sums[kChunk][NT][16 * 16];
+  alignas(64) float acc[16][NT][16];
+  for (int64_t r = 0; r < 16; ++r)
+    for (int nt = 0; nt < NT; ++nt) _mm512_store_ps(acc[r][nt], _mm512_setzero_ps());
+  const int8_t* x = a.XQ + m0 * a.K;
+  const int8_t* w = a.codes + n0 * G * 512;
+  for (int64_t g0 = 0; g0 < G; g0 += kChunk) {
+    const int64_t gn = std::min(kChunk, G - g0);
+    for (int64_t i = 0; i < gn; ++i) {
+      const int64_t g = g0 + i;
+      _tile_zero(4);
+      _tile_loadd(0, x + g * 32, a.K);
+      _tile_loadd(2, w + g * 512, 64);
+      _tile_dpbssd(4, 0, 2);
+      if constexpr (NT == 2) {
+        _tile_zero(5);
+        _tile_loadd(3, w + (G + g) * 512, 64);
+        _tile_dpbssd(5, 0, 3);
+      }
+      _tile_stored(4, sums[i][0], 64);
+      if constexpr (NT == 2) _tile_stored(5, sums[i][NT - 1], 64);
+    }
+    for (int64_t r0 = 0; r0 < rows; r0 += 4) {  // 4 rows at a time: 4 NT independent chains of fmas
+      __m512 v[4][NT];
+      for (int r = 0; r < 4; ++r)
+        for (int nt = 0; nt < NT; ++nt) v[r][nt] = _mm512_load_ps(acc[r0 + r][nt]);
+      for (int64_t i = 0; i < gn; ++i) {
+        for (int nt = 0; nt < NT; ++nt) {
+          const int64_t blk = ((n0 + nt) * G + g0 + i) * 16;
+          const __m512 sc = Int4 ? _mm512_loadu_ps(a.scale + blk) : _mm512_setzero_ps();
+          const __m512 zv = Int4 ? _mm512_loadu_ps(a.zero + blk) : _mm512_setzero_ps();
+          for (int r = 0; r < 4; ++r) {
+            const int64_t mg = (m0 + r0 + r) * G + g0 + i;
+            const __m512 dot = _mm512_cvtepi32_ps(_mm512_load_si512(sums[i][nt] + 16 * (r0 + r)));
+            if constexpr (Int4) {  // as int4_rows8: acc += dot * (scale * dx), then acc += zero * sum(x)
+              v[r][nt] = _mm512_fmadd_ps(dot, _mm512_mul_ps(sc, _mm512_set1_ps(a.DX[mg])), v[r][nt]);
+              v[r][nt] = _mm512_fmadd_ps(zv, _mm512_set1_ps(a.XS[mg]), v[r][nt]);
+            } else {  // as int8_rows8: acc += dot * dx, scaled per output row at the end
+              v[r][nt] = _mm512_fmadd_ps(dot, _mm512_set1_ps(a.DX[mg]), v[r][nt]);
+            }
+          }
+        }
+      }
+      for (int r = 0; r < 4; ++r)
+        for (int nt = 0; nt < NT; ++nt) _mm512_store_ps(acc[r0 + r][nt], v[r][nt]);
+    }
+  }
+  for (int nt = 0; nt < NT; ++nt) {
+    const __m512 sc = Int4 ? _mm512_set1_ps(1.f) : _mm512_loadu_ps(a.scale + (n0 + nt) * 16);
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512 v = _mm512_load_ps(acc[r][nt]);
+      _mm512_storeu_ps(a.out + (m0 + r) * a.N + (n0 + nt) * 16, Int4 ? v : _mm512_mul_ps(v, sc));
+    }
+  }
+}
+
+template <bool Int4>
+STREAMLLM_AMX void amx_tiles(const AmxArgs& a, int64_t p0, int64_t p1) {
+  TileConfig cfg;
+  cfg.rows[0] = 16, cfg.colsb[0] = 32;
+  for (int t = 2; t < 4; ++t) cfg.rows[t] = 8, cfg.colsb[t] = 64;
+  for (int t = 4; t < 6; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+  const int64_t NT = a.N / 16;
+  for (int64_t p = p0; p < p1; ++p) {  // pairs of output tiles (the last one alone when NT is odd)
+    const int64_t n0 = 2 * p;
+    for (int64_t m0 = 0; m0 < a.M; m0 += 16) {
+      if (n0 + 1 < NT) amx_block<2, Int4>(a, m0, n0);
+      else amx_block<1, Int4>(a, m0, n0);
+    }
+  }
+  _tile_release();
+}
+
+// x [M, K] fp32 @ int8 weights in the tile layout -> [M, N] fp32; int4 (centred codes, zero given) or
+// int8 (per-row scale, no zero)
+at::Tensor q8act_amx_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                        const c10::optional<at::Tensor>& zero) {
+  TORCH_CHECK(amx_permitted(), "AMX int8 tiles are not available on this CPU or kernel");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat, "x [M, K] fp32");
+  const int64_t M = x.size(0), K = x.size(1), G = K / 32;
+  TORCH_CHECK(K % 32 == 0, "K a multiple of 32");
+  TORCH_CHECK(codes.dim() == 4 && codes.is_contiguous() && codes.scalar_type() == at::kChar &&
+                  codes.size(1) == G && codes.size(2) == 8 && codes.size(3) == 64,
+              "codes [N/16, K/32, 8, 64] int8");
+  const int64_t N = codes.size(0) * 16;
+  const bool int4 = zero.has_value();
+  TORCH_CHECK(scale.is_contiguous() && scale.scalar_type() == at::kFloat && scale.numel() == (int4 ? N * G : N),
+              "scale [N/16, K/32, 16] (int4) or [N] (int8) fp32");
+  TORCH_CHECK(!int4 || (zero->is_contiguous() && zero->scalar_type() == at::kFloat && zero->numel() == N * G),
+              "zero [N/16, K/32, 16] fp32");
+  const int64_t Mp = (M + 15) / 16 * 16;  // whole tiles of activations: the padding rows are zero
+  at::Tensor xq = at::zeros({Mp, K}, x.options().dtype(at::kChar));
+  at::Tensor dx = at::zeros({Mp, G}, x.options()), xs = at::zeros({Mp, G}, x.options()), qs = at::empty({M, G}, x.options());
+  quantize_groups(x.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), dx.data_ptr<float>(), xs.data_ptr<float>(),
+                  qs.data_ptr<float>());
+  at::Tensor out = at::empty({M, N}, x.options());
+  const AmxArgs a{xq.data_ptr<int8_t>(), dx.data_ptr<float>(), xs.data_ptr<float>(), M, K,
+                  codes.data_ptr<int8_t>(), scale.data_ptr<float>(), int4 ? zero->data_ptr<float>() : nullptr,
+                  out.data_ptr<float>(), N};
+  at::parallel_for(0, (N / 16 + 1) / 2, 4, [&](int64_t p0, int64_t p1) {
+    if (int4) amx_tiles<true>(a, p0, p1);
+    else amx_tiles<false>(a, p0, p1);
+  });
+  return out;
+}
+
 }  // namespace
 
 // The kernels keep the GIL (microseconds each at one row): releasing it around every call, as torch's own
@@ -670,4 +825,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_dot_isa", &int8_dot_isa, "the int8-activation matmuls' instruction set; optionally allow VNNI or not",
         py::arg("allow_vnni") = py::none());
   m.def("int8_q8act_mm", &int8_q8act_mm, "x @ int8 weights (8-row interleaved), x quantized to int8 per 32");
+  m.def("amx_available", &amx_permitted, "whether this CPU and kernel let the AMX int8 tiles run");
+  m.def("q8act_amx_mm", &q8act_amx_mm, "x @ int4 (zero given) or int8 weights in the AMX tile layout, x quantized to int8 per 32",
+        py::arg("x"), py::arg("codes"), py::arg("scale"), py::arg("zero") = py::none());
 }

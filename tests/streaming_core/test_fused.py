@@ -20,7 +20,14 @@ from streaming_core.batch import BatchPlan, SeqChunk
 from streaming_core.config import CacheConfig
 from streaming_core.kv_pool import KVPool
 from streaming_core.models import build_model
-from streaming_core.quant import pack_rows8_int4, pack_rows8_int8, quantize_int4, quantize_int8
+from streaming_core.quant import (
+    pack_rows8_int4,
+    pack_rows8_int8,
+    pack_tiles_int4,
+    pack_tiles_int8,
+    quantize_int4,
+    quantize_int8,
+)
 from streaming_core.runner import ModelRunner
 
 from .helpers import make_runner, stream_logits, tiny_llama
@@ -290,3 +297,44 @@ def test_avx2_and_vnni_sum_the_same_integers(kernels):
         assert torch.equal(vnni[0], avx2[0]) and torch.equal(vnni[1], avx2[1])
     finally:
         kernels.int8_dot_isa(default == "avxvnni")
+
+
+@pytest.fixture
+def amx(kernels):
+    if not kernels.amx_available():
+        pytest.skip("this CPU (or kernel) runs no AMX int8 tiles")
+    return kernels
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40])  # part of a tile, one, one and a row, several
+def test_amx_tiles_give_the_avx2_kernels_bits(amx, rows):
+    """q8act_amx_mm sums the same integer products per group and folds them into fp32 in the same order
+    as int4_q8act_mm / int8_q8act_mm: bit for bit the same outputs, for any number of rows and an odd
+    number of 16-column output tiles (48 outputs: a pair and a single)."""
+    torch.manual_seed(rows)
+    w, x = torch.randn(48, 96), torch.randn(rows, 96) * 3
+    x[0, 32:64] = 0.0  # an all-zero group
+    q4, q8 = quantize_int4(w), quantize_int8(w)
+    assert torch.equal(amx.q8act_amx_mm(x, *pack_tiles_int4(q4)), amx.int4_q8act_mm(x, *pack_rows8_int4(q4)))
+    assert torch.equal(amx.q8act_amx_mm(x, *pack_tiles_int8(q8)), amx.int8_q8act_mm(x, *pack_rows8_int8(q8)))
+
+
+def test_amx_kernel_checks_its_layout(amx):
+    """Codes that are not in the tile layout, or scales of the wrong size, are refused, not misread."""
+    w, x = torch.randn(32, 64), torch.randn(2, 64)
+    codes, scale, zero = pack_tiles_int4(quantize_int4(w))
+    with pytest.raises(RuntimeError, match="codes"):
+        amx.q8act_amx_mm(x, codes.view(2, 2, 512), scale, zero)
+    with pytest.raises(RuntimeError, match="scale"):
+        amx.q8act_amx_mm(x, codes, scale[:1], zero)
+    with pytest.raises(RuntimeError, match="K a multiple of 32"):
+        amx.q8act_amx_mm(torch.randn(2, 48), codes, scale, zero)
+
+
+def test_the_tuner_offers_amx_exactly_where_it_runs(kernels):
+    """The AMX candidates are offered for tile-shaped fp32 weights on a CPU that runs them, and only there."""
+    w = torch.randn(64, 96)
+    for mode, name in (("int4", "int4-q8act-amx-f32"), ("int8", "int8-q8act-amx-f32")):
+        assert (name in lin.candidates(mode, w, kernels)) == kernels.amx_available()
+        assert name not in lin.candidates(mode, torch.randn(40, 96), kernels)  # 40 outputs: not whole tiles
+        assert name not in lin.candidates(mode, w)  # no compiled module
