@@ -118,11 +118,12 @@ def _scale_tiles(a: torch.Tensor) -> torch.Tensor:
 
 
 def pack_tiles_int4(q4: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """int4 weights for `q8act_amx_mm`: the centred codes (code - 8) as int8 in the AMX tile layout
-    [out/16, in/32, 8, 64], scale and zero [out/16, in/32, 16] fp32: the weights of `q4.dequantized()`."""
+    """int4 weights for `q8act_amx_mm`: codes in the AMX tile layout [out/16, in/32, 8 rows, 64] two a byte,
+    rows r and r + 4 in the low and high nibbles ([out/16, in/32, 4, 64] uint8); scale and zero
+    [out/16, in/32, 16] fp32 with w = (code - 8) * scale + zero: the weights of `q4.dequantized()`."""
     out, k = q4.codes.shape
-    centred = (q4.codes.to(torch.int16) - 8).to(torch.int8)
-    codes = _interleave_rows(centred, 16).reshape(out // 16, k // INT4_GROUP, 8, 64).contiguous()
+    rows = _interleave_rows(q4.codes, 16).reshape(out // 16, k // INT4_GROUP, 8, 64)
+    codes = (rows[:, :, :4] | (rows[:, :, 4:] << 4)).contiguous()
     sz = q4.scale_zero.float().transpose(0, 1)  # [out, groups, 2]
     return codes, _scale_tiles(sz[..., 0]), _scale_tiles(sz[..., 1])
 

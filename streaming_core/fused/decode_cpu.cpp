@@ -37,97 +37,6 @@ inline T from_f(float x) {
   return static_cast<T>(x);
 }
 
-// out[j] = x[j] * cos[j] + x[j +- half] * sin[j]: positions.rotate on one head of hd features.
-template <typename In>
-inline void rotate_head(const In* x, const float* cos, const float* sin, float scale, int hd, float* out) {
-  const int half = hd / 2;
-  for (int j = 0; j < half; ++j) {
-    out[j] = (to_f(x[j]) * scale) * cos[j] + (to_f(x[j + half]) * scale) * sin[j];
-  }
-  for (int j = half; j < hd; ++j) {
-    out[j] = (to_f(x[j]) * scale) * cos[j] + (to_f(x[j - half]) * scale) * sin[j];
-  }
-}
-
-template <typename In, typename KV>
-void rope_write_impl(const at::Tensor& qkv, const at::Tensor& cos_w, const at::Tensor& sin_w,
-                     const at::Tensor& cos_s, const at::Tensor& sin_s, double scale, int64_t heads,
-                     int64_t kv_heads, at::Tensor& k_rows, at::Tensor& v_rows, const at::Tensor& targets,
-                     at::Tensor& q_w, at::Tensor& q_s, bool sink_query) {
-  const int64_t B = qkv.size(0);
-  const int hd = static_cast<int>(q_w.size(2));
-  const int64_t stride = qkv.size(1);
-  const In* src = qkv.data_ptr<In>();
-  const float* cw = cos_w.data_ptr<float>();
-  const float* sw = sin_w.data_ptr<float>();
-  const float* cs = sink_query ? cos_s.data_ptr<float>() : nullptr;
-  const float* ss = sink_query ? sin_s.data_ptr<float>() : nullptr;
-  const int64_t* tgt = targets.data_ptr<int64_t>();
-  KV* kr = k_rows.data_ptr<KV>();
-  KV* vr = v_rows.data_ptr<KV>();
-  float* qw = q_w.data_ptr<float>();
-  float* qs = sink_query ? q_s.data_ptr<float>() : nullptr;
-  std::vector<float> tmp(hd);
-  for (int64_t b = 0; b < B; ++b) {
-    const In* row = src + b * stride;
-    const float* c1 = cw + b * hd;
-    const float* s1 = sw + b * hd;
-    for (int64_t h = 0; h < heads; ++h) {
-      rotate_head(row + h * hd, c1, s1, static_cast<float>(scale), hd, qw + (b * heads + h) * hd);
-      if (sink_query) {
-        rotate_head(row + h * hd, cs + b * hd, ss + b * hd, static_cast<float>(scale), hd,
-                    qs + (b * heads + h) * hd);
-      }
-    }
-    for (int64_t h = 0; h < kv_heads; ++h) {
-      const int64_t dst = tgt[b * kv_heads + h] * hd;
-      rotate_head(row + (heads + h) * hd, c1, s1, 1.0f, hd, tmp.data());
-      const In* v = row + (heads + kv_heads + h) * hd;
-      for (int j = 0; j < hd; ++j) {
-        kr[dst + j] = from_f<KV>(tmp[j]);
-        vr[dst + j] = from_f<KV>(to_f(v[j]));
-      }
-    }
-  }
-}
-
-// Rotates q (twice: stream positions for window keys, cache positions for sink keys) and k, scales q,
-// and writes the new k (rotated) and v into the pool rows `targets` ([B * kvh] row indices of k_rows,
-// the layer's pool viewed as [-1, hd]). Returns q_w and q_s [B, H, hd] in fp32 (q_s empty without sinks).
-std::vector<at::Tensor> rope_write(const at::Tensor& qkv, const at::Tensor& cos_w, const at::Tensor& sin_w,
-                                   const at::Tensor& cos_s, const at::Tensor& sin_s, double scale,
-                                   int64_t heads, int64_t kv_heads, at::Tensor k_rows, at::Tensor v_rows,
-                                   const at::Tensor& targets, bool sink_query) {
-  TORCH_CHECK(qkv.is_contiguous() && cos_w.is_contiguous() && sin_w.is_contiguous(), "contiguous inputs");
-  TORCH_CHECK(k_rows.is_contiguous() && v_rows.is_contiguous() && targets.is_contiguous(), "contiguous pool");
-  TORCH_CHECK(cos_w.scalar_type() == at::kFloat && targets.scalar_type() == at::kLong, "fp32 tables");
-  const int64_t B = qkv.size(0);
-  const int64_t hd = k_rows.size(1);
-  TORCH_CHECK(qkv.size(1) == (heads + 2 * kv_heads) * hd, "qkv width");
-  auto opts = qkv.options().dtype(at::kFloat);
-  at::Tensor q_w = at::empty({B, heads, hd}, opts);
-  at::Tensor q_s = sink_query ? at::empty({B, heads, hd}, opts) : at::Tensor();
-  TORCH_CHECK(k_rows.scalar_type() == v_rows.scalar_type(), "k and v pools share a dtype");
-  const bool in_bf16 = qkv.scalar_type() == at::kBFloat16;
-  const bool kv_bf16 = k_rows.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(in_bf16 || qkv.scalar_type() == at::kFloat, "qkv is fp32 or bf16");
-  TORCH_CHECK(kv_bf16 || k_rows.scalar_type() == at::kFloat, "the pool is fp32 or bf16");
-  if (in_bf16 && kv_bf16) {
-    rope_write_impl<c10::BFloat16, c10::BFloat16>(qkv, cos_w, sin_w, cos_s, sin_s, scale, heads, kv_heads,
-                                                  k_rows, v_rows, targets, q_w, q_s, sink_query);
-  } else if (in_bf16) {
-    rope_write_impl<c10::BFloat16, float>(qkv, cos_w, sin_w, cos_s, sin_s, scale, heads, kv_heads, k_rows,
-                                          v_rows, targets, q_w, q_s, sink_query);
-  } else if (kv_bf16) {
-    rope_write_impl<float, c10::BFloat16>(qkv, cos_w, sin_w, cos_s, sin_s, scale, heads, kv_heads, k_rows,
-                                          v_rows, targets, q_w, q_s, sink_query);
-  } else {
-    rope_write_impl<float, float>(qkv, cos_w, sin_w, cos_s, sin_s, scale, heads, kv_heads, k_rows, v_rows,
-                                  targets, q_w, q_s, sink_query);
-  }
-  return {q_w, q_s};
-}
-
 // -- AVX2 helpers --------------------------------------------------------------------------------------
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::BFloat16* p) {  // bf16 is the top half of an fp32
@@ -162,6 +71,114 @@ inline __m256 exp8(__m256 x) {
   return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), keep);
 }
 
+
+// 8 floats stored as fp32, or as bf16 rounded to nearest-even exactly as c10::BFloat16(float) does
+// (NaN becomes the quiet NaN 0x7FC0).
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(c10::BFloat16* p, __m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i bias =
+      _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)), _mm256_set1_epi32(0x7FFF));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  const __m256i packed = _mm256_packus_epi32(r, r);  // per 128-bit lane: its 4 values, twice
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08)));
+}
+
+// out[j] = x[j] * cos[j] + x[j +- half] * sin[j]: positions.rotate on one head of hd features.
+template <typename In>
+inline void rotate_head(const In* x, const float* cos, const float* sin, float scale, int hd, float* out) {
+  const int half = hd / 2;
+  for (int j = 0; j < half; ++j) {
+    out[j] = (to_f(x[j]) * scale) * cos[j] + (to_f(x[j + half]) * scale) * sin[j];
+  }
+  for (int j = half; j < hd; ++j) {
+    out[j] = (to_f(x[j]) * scale) * cos[j] + (to_f(x[j - half]) * scale) * sin[j];
+  }
+}
+
+template <typename In, typename KV>
+void rope_write_impl(const at::Tensor& qkv, const at::Tensor& cos_w, const at::Tensor& sin_w,
+                     const at::Tensor& cos_s, const at::Tensor& sin_s, double scale, int64_t heads,
+                     int64_t kv_heads, at::Tensor& k_rows, at::Tensor& v_rows, const at::Tensor& targets,
+                     at::Tensor& q_w, at::Tensor& q_s, bool sink_query) {
+  const int64_t B = qkv.size(0);
+  const int hd = static_cast<int>(q_w.size(2));
+  const int64_t stride = qkv.size(1);
+  const In* src = qkv.data_ptr<In>();
+  const float* cw = cos_w.data_ptr<float>();
+  const float* sw = sin_w.data_ptr<float>();
+  const float* cs = sink_query ? cos_s.data_ptr<float>() : nullptr;
+  const float* ss = sink_query ? sin_s.data_ptr<float>() : nullptr;
+  const int64_t* tgt = targets.data_ptr<int64_t>();
+  KV* kr = k_rows.data_ptr<KV>();
+  KV* vr = v_rows.data_ptr<KV>();
+  float* qw = q_w.data_ptr<float>();
+  float* qs = sink_query ? q_s.data_ptr<float>() : nullptr;
+  at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
+    std::vector<float> tmp(hd);
+    for (int64_t b = b0; b < b1; ++b) {
+      const In* row = src + b * stride;
+      const float* c1 = cw + b * hd;
+      const float* s1 = sw + b * hd;
+      for (int64_t h = 0; h < heads; ++h) {
+        rotate_head(row + h * hd, c1, s1, static_cast<float>(scale), hd, qw + (b * heads + h) * hd);
+        if (sink_query) {
+          rotate_head(row + h * hd, cs + b * hd, ss + b * hd, static_cast<float>(scale), hd,
+                      qs + (b * heads + h) * hd);
+        }
+      }
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        const int64_t dst = tgt[b * kv_heads + h] * hd;
+        rotate_head(row + (heads + h) * hd, c1, s1, 1.0f, hd, tmp.data());
+        const In* v = row + (heads + kv_heads + h) * hd;
+        for (int j = 0; j < hd; j += 8) {
+          store8(kr + dst + j, _mm256_loadu_ps(tmp.data() + j));
+          store8(vr + dst + j, load8(v + j));
+        }
+      }
+    }
+  });
+}
+
+// Rotates q (twice: stream positions for window keys, cache positions for sink keys) and k, scales q,
+// and writes the new k (rotated) and v into the pool rows `targets` ([B * kvh] row indices of k_rows,
+// the layer's pool viewed as [-1, hd]). Returns q_w and q_s [B, H, hd] in fp32 (q_s empty without sinks).
+std::vector<at::Tensor> rope_write(const at::Tensor& qkv, const at::Tensor& cos_w, const at::Tensor& sin_w,
+                                   const at::Tensor& cos_s, const at::Tensor& sin_s, double scale,
+                                   int64_t heads, int64_t kv_heads, at::Tensor k_rows, at::Tensor v_rows,
+                                   const at::Tensor& targets, bool sink_query) {
+  TORCH_CHECK(qkv.is_contiguous() && cos_w.is_contiguous() && sin_w.is_contiguous(), "contiguous inputs");
+  TORCH_CHECK(k_rows.is_contiguous() && v_rows.is_contiguous() && targets.is_contiguous(), "contiguous pool");
+  TORCH_CHECK(cos_w.scalar_type() == at::kFloat && targets.scalar_type() == at::kLong, "fp32 tables");
+  const int64_t B = qkv.size(0);
+  const int64_t hd = k_rows.size(1);
+  TORCH_CHECK(qkv.size(1) == (heads + 2 * kv_heads) * hd, "qkv width");
+  TORCH_CHECK(hd % 8 == 0, "head_dim a multiple of 8");
+  auto opts = qkv.options().dtype(at::kFloat);
+  at::Tensor q_w = at::empty({B, heads, hd}, opts);
+  at::Tensor q_s = sink_query ? at::empty({B, heads, hd}, opts) : at::Tensor();
+  TORCH_CHECK(k_rows.scalar_type() == v_rows.scalar_type(), "k and v pools share a dtype");
+  const bool in_bf16 = qkv.scalar_type() == at::kBFloat16;
+  const bool kv_bf16 = k_rows.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(in_bf16 || qkv.scalar_type() == at::kFloat, "qkv is fp32 or bf16");
+  TORCH_CHECK(kv_bf16 || k_rows.scalar_type() == at::kFloat, "the pool is fp32 or bf16");
+  if (in_bf16 && kv_bf16) {
+    rope_write_impl<c10::BFloat16, c10::BFloat16>(qkv, cos_w, sin_w, cos_s, sin_s, scale, heads, kv_heads,
+                                                  k_rows, v_rows, targets, q_w, q_s, sink_query);
+  } else if (in_bf16) {
+    rope_write_impl<c10::BFloat16, float>(qkv, cos_w, sin_w, cos_s, sin_s, scale, heads, kv_heads, k_rows,
+                                          v_rows, targets, q_w, q_s, sink_query);
+  } else if (kv_bf16) {
+    rope_write_impl<float, c10::BFloat16>(qkv, cos_w, sin_w, cos_s, sin_s, scale, heads, kv_heads, k_rows,
+                                          v_rows, targets, q_w, q_s, sink_query);
+  } else {
+    rope_write_impl<float, float>(qkv, cos_w, sin_w, cos_s, sin_s, scale, heads, kv_heads, k_rows, v_rows,
+                                  targets, q_w, q_s, sink_query);
+  }
+  return {q_w, q_s};
+}
+
 constexpr int kMaxGroup = 16;  // query heads per KV head handled by one task
 
 template <typename KV>
@@ -171,46 +188,101 @@ inline float dot(const float* q, const KV* k, int64_t hd) {
   return hsum(acc);
 }
 
-// q . k_t for the 8 consecutive keys k_0..k_7 (rows of hd), as one vector: 8 accumulators, then a
-// transpose-and-add of the eight, instead of a horizontal sum per key.
-template <typename KV>
-inline __m256 dot8(const float* q, const KV* k, int64_t hd) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-  for (int64_t d = 0; d < hd; d += 8) {
-    const __m256 x = load8(q + d);
-    a0 = _mm256_fmadd_ps(x, load8(k + d), a0);
-    a1 = _mm256_fmadd_ps(x, load8(k + hd + d), a1);
-    a2 = _mm256_fmadd_ps(x, load8(k + 2 * hd + d), a2);
-    a3 = _mm256_fmadd_ps(x, load8(k + 3 * hd + d), a3);
-    a4 = _mm256_fmadd_ps(x, load8(k + 4 * hd + d), a4);
-    a5 = _mm256_fmadd_ps(x, load8(k + 5 * hd + d), a5);
-    a6 = _mm256_fmadd_ps(x, load8(k + 6 * hd + d), a6);
-    a7 = _mm256_fmadd_ps(x, load8(k + 7 * hd + d), a7);
-  }
-  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
-  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
-}
-
-// acc[hd] = sum_j p[j] * v_j over L value rows, 64 features at a time held in registers.
-template <typename KV>
-inline void weigh_values(const float* p, const KV* v, int64_t L, int64_t hd, float* acc) {
-  for (int64_t d0 = 0; d0 < hd; d0 += 64) {
-    const int64_t n = std::min<int64_t>(8, (hd - d0) / 8);
-    __m256 a[8];
-    for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < L; ++j) {
-      if (p[j] == 0.f) continue;  // an empty entry: its value row may be stale
-      const __m256 w = _mm256_set1_ps(p[j]);
-      const KV* row = v + j * hd + d0;
-      if (n == 8) {
-        for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(w, load8(row + 8 * i), a[i]);
-      } else {
-        for (int i = 0; i < n; ++i) a[i] = _mm256_fmadd_ps(w, load8(row + 8 * i), a[i]);
+// The G query heads that share one KV head, scored together: each key row is loaded (and widened from
+// bf16) once for all G, 4 keys at a time. sc[h * stride + j] = q_h . k_j + m[j] for j in [j0, j1).
+template <int G, typename KV>
+inline void group_scores(const float* q, const KV* K, int64_t j0, int64_t j1, int64_t hd, const float* m,
+                         float* sc, int64_t stride) {
+  int64_t j = j0;
+  for (; j + 4 <= j1; j += 4) {
+    __m256 acc[G][4];
+    for (int h = 0; h < G; ++h)
+      for (int t = 0; t < 4; ++t) acc[h][t] = _mm256_setzero_ps();
+    const KV* k = K + j * hd;
+    for (int64_t d = 0; d < hd; d += 8) {  // live: 4G sums, G query vectors, one key vector
+      __m256 x[G];
+      for (int h = 0; h < G; ++h) x[h] = _mm256_loadu_ps(q + h * hd + d);
+      for (int t = 0; t < 4; ++t) {
+        const __m256 kt = load8(k + t * hd + d);
+        for (int h = 0; h < G; ++h) acc[h][t] = _mm256_fmadd_ps(x[h], kt, acc[h][t]);
       }
     }
-    for (int i = 0; i < n; ++i) _mm256_storeu_ps(acc + d0 + 8 * i, a[i]);
+    for (int h = 0; h < G; ++h) {  // lanes of the 4 sums: [0..3 low halves | 0..3 high halves]
+      const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(acc[h][0], acc[h][1]), _mm256_hadd_ps(acc[h][2], acc[h][3]));
+      const __m128 four = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+      _mm_storeu_ps(sc + h * stride + j, _mm_add_ps(four, _mm_loadu_ps(m + j)));
+    }
   }
+  for (; j < j1; ++j)
+    for (int h = 0; h < G; ++h) sc[h * stride + j] = dot(q + h * hd, K + j * hd, hd) + m[j];
+}
+
+// acc[h * hd + d] = sum_j p[h * stride + j] * v_j[d] for the G heads at once, over NV vectors of features
+// from d0: each value row is loaded once for all G. An entry every head gives weight 0 (empty: maybe
+// stale) is skipped.
+template <int G, int NV, typename KV>
+inline void group_values_at(const float* p, int64_t stride, const KV* V, int64_t L, int64_t hd, int64_t d0,
+                            float* acc) {
+  __m256 a[G][NV];  // live: G * NV sums, G weights, one value vector
+  for (int h = 0; h < G; ++h)
+    for (int i = 0; i < NV; ++i) a[h][i] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < L; ++j) {
+    bool any = false;
+    __m256 w[G];
+    for (int h = 0; h < G; ++h) {
+      const float pj = p[h * stride + j];
+      any |= pj != 0.f;
+      w[h] = _mm256_set1_ps(pj);
+    }
+    if (!any) continue;
+    const KV* row = V + j * hd + d0;
+    for (int i = 0; i < NV; ++i) {
+      const __m256 v = load8(row + 8 * i);
+      for (int h = 0; h < G; ++h) a[h][i] = _mm256_fmadd_ps(w[h], v, a[h][i]);
+    }
+  }
+  for (int h = 0; h < G; ++h)
+    for (int i = 0; i < NV; ++i) _mm256_storeu_ps(acc + h * hd + d0 + 8 * i, a[h][i]);
+}
+
+template <int G, typename KV>
+inline void group_values(const float* p, int64_t stride, const KV* V, int64_t L, int64_t hd, float* acc) {
+  int64_t d0 = 0;
+  for (; d0 + 32 <= hd; d0 += 32) group_values_at<G, 4>(p, stride, V, L, hd, d0, acc);
+  for (; d0 < hd; d0 += 8) group_values_at<G, 1>(p, stride, V, L, hd, d0, acc);
+}
+
+// Scores, then (after the softmax) values, for heads [h0, h0 + G) of one group.
+template <int G, typename KV>
+inline void group_attend_scores(const float* qw, const float* qs, const KV* K, int64_t S, int64_t L, int64_t hd,
+                                const float* m, float* sc, int64_t stride) {
+  group_scores<G>(qs, K, 0, S, hd, m, sc, stride);  // sinks: scored by the sink query
+  group_scores<G>(qw, K, S, L, hd, m, sc, stride);
+}
+
+template <typename KV>
+inline void scores_for_group(int64_t g, const float* qw, const float* qs, const KV* K, int64_t S, int64_t L,
+                             int64_t hd, const float* m, float* sc, int64_t stride) {
+  int64_t h = 0;
+  for (; h + 3 <= g; h += 3) group_attend_scores<3>(qw + h * hd, qs + h * hd, K, S, L, hd, m, sc + h * stride, stride);
+  for (; h + 2 <= g; h += 2) group_attend_scores<2>(qw + h * hd, qs + h * hd, K, S, L, hd, m, sc + h * stride, stride);
+  for (; h < g; ++h) group_attend_scores<1>(qw + h * hd, qs + h * hd, K, S, L, hd, m, sc + h * stride, stride);
+}
+
+template <typename KV>
+inline void values_for_group(int64_t g, const float* p, int64_t stride, const KV* V, int64_t L, int64_t hd,
+                             float* acc) {
+  int64_t h = 0;
+  for (; h + 3 <= g; h += 3) group_values<3>(p + h * stride, stride, V, L, hd, acc + h * hd);
+  for (; h + 2 <= g; h += 2) group_values<2>(p + h * stride, stride, V, L, hd, acc + h * hd);
+  for (; h < g; ++h) group_values<1>(p + h * stride, stride, V, L, hd, acc + h * hd);
+}
+
+// Asks for n elements from p into the L2 cache, one request per 64-byte line.
+template <typename T>
+inline void prefetch_rows(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) _mm_prefetch(c + off, _MM_HINT_T1);
 }
 
 template <typename KV, typename Out>
@@ -238,19 +310,17 @@ void attend_impl(const at::Tensor& q_w, const at::Tensor& q_s, const at::Tensor&
       const int64_t b = task / kvh, kv = task % kvh;
       const KV* Kh = K + ((slot[b] * kvh + kv) * cap) * hd;
       const KV* Vh = V + ((slot[b] * kvh + kv) * cap) * hd;
+      if (task + 1 < end) {  // the next task's rows, fetched while this one computes: a slot's L rows
+        // are one run of memory per head, too short for the hardware prefetcher to get ahead of
+        const int64_t nb = (task + 1) / kvh, nkv = (task + 1) % kvh;
+        prefetch_rows(K + ((slot[nb] * kvh + nkv) * cap) * hd, L * hd);
+        prefetch_rows(V + ((slot[nb] * kvh + nkv) * cap) * hd, L * hd);
+      }
       const float* m = mask + b * L;
       const float* qw_h = qw + (b * H + kv * g) * hd;  // the group's g heads, consecutive
       const float* qs_h = qs ? qs + (b * H + kv * g) * hd : qw_h;
       const int64_t S = qs ? std::min<int64_t>(sink[b], L) : 0;
-      for (int64_t h = 0; h < g; ++h) {
-        float* sc = score.data() + h * L8;
-        int64_t j = 0;
-        for (; j < S; ++j) sc[j] = dot(qs_h + h * hd, Kh + j * hd, hd) + m[j];  // sinks: cache positions
-        for (; j + 8 <= L; j += 8) {
-          _mm256_storeu_ps(sc + j, _mm256_add_ps(dot8(qw_h + h * hd, Kh + j * hd, hd), _mm256_loadu_ps(m + j)));
-        }
-        for (; j < L; ++j) sc[j] = dot(qw_h + h * hd, Kh + j * hd, hd) + m[j];
-      }
+      scores_for_group(g, qw_h, qs_h, Kh, S, L, hd, m, score.data(), L8);
       for (int64_t h = 0; h < g; ++h) {
         float* sc = score.data() + h * L8;
         for (int64_t j = L; j < L8; ++j) sc[j] = -INFINITY;
@@ -270,10 +340,10 @@ void attend_impl(const at::Tensor& q_w, const at::Tensor& q_s, const at::Tensor&
         const float inv = 1.f / hsum(total);
         for (int64_t j = 0; j < L; ++j) sc[j] *= inv;
       }
-      for (int64_t h = 0; h < g; ++h) weigh_values(score.data() + h * L8, Vh, L, hd, acc.data() + h * hd);
+      values_for_group(g, score.data(), L8, Vh, L, hd, acc.data());
       for (int64_t h = 0; h < g; ++h) {
         Out* dst = o + (b * H + kv * g + h) * hd;
-        for (int64_t d = 0; d < hd; ++d) dst[d] = from_f<Out>(acc[h * hd + d]);
+        for (int64_t d = 0; d < hd; d += 8) store8(dst + d, _mm256_loadu_ps(acc.data() + h * hd + d));
       }
     }
   });
@@ -326,7 +396,10 @@ void add_rms_norm_impl(at::Tensor& x, const at::Tensor& y, const at::Tensor& w, 
       const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
       if (bf16) {
         c10::BFloat16* o = out.data_ptr<c10::BFloat16>() + n * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = c10::BFloat16(r[d] * inv * gain[d]);
+        int64_t d = 0;
+        for (; d + 8 <= D; d += 8)
+          store8(o + d, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(r + d), _mm256_set1_ps(inv)), _mm256_loadu_ps(gain + d)));
+        for (; d < D; ++d) o[d] = c10::BFloat16(r[d] * inv * gain[d]);
       } else {
         float* o = out.data_ptr<float>() + n * D;
         for (int64_t d = 0; d < D; ++d) o[d] = r[d] * inv * gain[d];
@@ -362,7 +435,6 @@ void silu_mul_impl(const at::Tensor& gu, at::Tensor& out) {
   const T* src = gu.data_ptr<T>();
   T* dst = out.data_ptr<T>();
   at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
-    alignas(32) float lanes[8];
     for (int64_t n = begin; n < end; ++n) {
       const T* g = src + n * 2 * F;
       const T* u = g + F;
@@ -370,8 +442,7 @@ void silu_mul_impl(const at::Tensor& gu, at::Tensor& out) {
       for (; f + 8 <= F; f += 8) {
         const __m256 x = load8(g + f);
         const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
-        _mm256_store_ps(lanes, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), e)), load8(u + f)));
-        for (int i = 0; i < 8; ++i) dst[n * F + f + i] = from_f<T>(lanes[i]);
+        store8(dst + n * F + f, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), e)), load8(u + f)));
       }
       for (; f < F; ++f) {
         const float x = to_f(g[f]);
@@ -666,9 +737,11 @@ std::string int8_dot_isa(c10::optional<bool> allow_vnni) {
 // activations by a 32 x 16 block of int8 weights into 16 x 16 int32 sums: 8,192 multiply-adds, where an
 // AVX2 instruction does 32. Every group of 32 inputs has its own scales, so each product covers one
 // group, and its sums are scaled into fp32 accumulators with AVX-512, in exactly the order the AVX2
-// loops above use: the two give the same bits. The weights are stored as int8 (int4 codes centred,
-// code - 8), in the tiles' layout: [N/16, K/32, 8, 64], where row r of a group's block holds, for each of
-// 16 output rows j, its 4 inputs 4r..4r+3 at bytes 4j..4j+3. The tiles need the kernel's permission to
+// loops above use: the two give the same bits. The weights are in the tiles' layout: per output tile of
+// 16 rows and group of 32 inputs, 8 rows of 64 bytes where row r holds, for each output row j, its inputs
+// 4r..4r+3 at bytes 4j..4j+3. int8 weights are stored so; int4 codes two a byte (tile rows r and r + 4
+// share a 64-byte row, low and high nibbles), widened to int8 and centred (code - 8) one output tile at
+// a time, which halves the bytes a step streams from memory. The tiles need the kernel's permission to
 // use their register state (arch_prctl), asked for once per process.
 #define STREAMLLM_AMX __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,amx-tile,amx-int8")))
 
@@ -691,89 +764,109 @@ struct AmxArgs {
   const int8_t* XQ;  // [Mp, K] (whole tiles), rows past M zero
   const float *DX, *XS;  // [Mp, G], rows past M zero
   int64_t M, K;
-  const int8_t* codes;  // [N/16, G, 8, 64]
+  const void* codes;  // int8: [N/16, G, 8, 64] int8; int4: [N/16, G, 4, 64] uint8, two codes a byte
   const float *scale, *zero;  // int4: [N/16, G, 16] each; int8: scale [N], zero null
   float* out;
   int64_t N;
 };
 
-// One block of 16 rows from m0 by NT output tiles from n0 (16 columns each). The tile products of a few
-// groups go to memory first (tile 0 the activations, 2-3 the weights, 4-5 the sums), then each output
-// row folds them into its fp32 accumulators group by group, in the AVX2 loops' order.
-template <int NT, bool Int4>
-STREAMLLM_AMX void amx_block(const AmxArgs& a, int64_t m0, int64_t n0) {
-  constexpr int64_t kChunk = 8;  // groups whose sums are held at once: 16 KB at two tiles
+// One tile of outputs: 16 rows from m0 by 16 columns from tile n0. The products of a chunk of groups go
+// to memory first, then each output row folds them into its fp32 accumulator group by group, in the AVX2
+// loops' order. The tile products are software-pipelined over two sets of tiles (activations 0 and 1,
+// weights 2 and 3, sums 4 and 5): group i + 1's product runs while group i's sums are stored.
+template <bool Int4>
+STREAMLLM_AMX void amx_block(const AmxArgs& a, const int8_t* w, int64_t m0, int64_t n0) {
+  constexpr int64_t kChunk = 8;  // groups whose sums are held at once: 8 KB
+  constexpr int kRows = 8;       // output rows folded together: 8 independent chains of fmas
   const int64_t G = a.K / 32, rows = std::min<int64_t>(16, a.M - m0);
-  alignas(64) int32_t sums[kChunk][NT][16 * 16];
-  alignas(64) float acc[16][NT][16];
-  for (int64_t r = 0; r < 16; ++r)
-    for (int nt = 0; nt < NT; ++nt) _mm512_store_ps(acc[r][nt], _mm512_setzero_ps());
+  alignas(64) int32_t sums[kChunk][16 * 16];
+  alignas(64) float acc[16][16];
+  for (int r = 0; r < 16; ++r) _mm512_store_ps(acc[r], _mm512_setzero_ps());
   const int8_t* x = a.XQ + m0 * a.K;
-  const int8_t* w = a.codes + n0 * G * 512;
   for (int64_t g0 = 0; g0 < G; g0 += kChunk) {
     const int64_t gn = std::min(kChunk, G - g0);
-    for (int64_t i = 0; i < gn; ++i) {
+    _tile_zero(4);
+    _tile_loadd(0, x + g0 * 32, a.K);
+    _tile_loadd(2, w + g0 * 512, 64);
+    _tile_dpbssd(4, 0, 2);
+    for (int64_t i = 0; i < gn; i += 2) {  // set 0 holds group g0 + i, set 1 group g0 + i + 1
       const int64_t g = g0 + i;
-      _tile_zero(4);
-      _tile_loadd(0, x + g * 32, a.K);
-      _tile_loadd(2, w + g * 512, 64);
-      _tile_dpbssd(4, 0, 2);
-      if constexpr (NT == 2) {
+      if constexpr (!Int4) prefetch_rows(w + (g + kChunk) * 512, 1024);  // 2 groups on (past the end: harmless)
+      if (i + 1 < gn) {
         _tile_zero(5);
-        _tile_loadd(3, w + (G + g) * 512, 64);
-        _tile_dpbssd(5, 0, 3);
+        _tile_loadd(1, x + (g + 1) * 32, a.K);
+        _tile_loadd(3, w + (g + 1) * 512, 64);
+        _tile_dpbssd(5, 1, 3);
       }
-      _tile_stored(4, sums[i][0], 64);
-      if constexpr (NT == 2) _tile_stored(5, sums[i][NT - 1], 64);
+      _tile_stored(4, sums[i], 64);
+      if (i + 2 < gn) {
+        _tile_zero(4);
+        _tile_loadd(0, x + (g + 2) * 32, a.K);
+        _tile_loadd(2, w + (g + 2) * 512, 64);
+        _tile_dpbssd(4, 0, 2);
+      }
+      if (i + 1 < gn) _tile_stored(5, sums[i + 1], 64);
     }
-    for (int64_t r0 = 0; r0 < rows; r0 += 4) {  // 4 rows at a time: 4 NT independent chains of fmas
-      __m512 v[4][NT];
-      for (int r = 0; r < 4; ++r)
-        for (int nt = 0; nt < NT; ++nt) v[r][nt] = _mm512_load_ps(acc[r0 + r][nt]);
+    for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+      __m512 v[kRows];
+      for (int r = 0; r < kRows; ++r) v[r] = _mm512_load_ps(acc[r0 + r]);
       for (int64_t i = 0; i < gn; ++i) {
-        for (int nt = 0; nt < NT; ++nt) {
-          const int64_t blk = ((n0 + nt) * G + g0 + i) * 16;
-          const __m512 sc = Int4 ? _mm512_loadu_ps(a.scale + blk) : _mm512_setzero_ps();
-          const __m512 zv = Int4 ? _mm512_loadu_ps(a.zero + blk) : _mm512_setzero_ps();
-          for (int r = 0; r < 4; ++r) {
-            const int64_t mg = (m0 + r0 + r) * G + g0 + i;
-            const __m512 dot = _mm512_cvtepi32_ps(_mm512_load_si512(sums[i][nt] + 16 * (r0 + r)));
-            if constexpr (Int4) {  // as int4_rows8: acc += dot * (scale * dx), then acc += zero * sum(x)
-              v[r][nt] = _mm512_fmadd_ps(dot, _mm512_mul_ps(sc, _mm512_set1_ps(a.DX[mg])), v[r][nt]);
-              v[r][nt] = _mm512_fmadd_ps(zv, _mm512_set1_ps(a.XS[mg]), v[r][nt]);
-            } else {  // as int8_rows8: acc += dot * dx, scaled per output row at the end
-              v[r][nt] = _mm512_fmadd_ps(dot, _mm512_set1_ps(a.DX[mg]), v[r][nt]);
-            }
+        const int64_t blk = (n0 * G + g0 + i) * 16;
+        const __m512 sc = Int4 ? _mm512_loadu_ps(a.scale + blk) : _mm512_setzero_ps();
+        const __m512 zv = Int4 ? _mm512_loadu_ps(a.zero + blk) : _mm512_setzero_ps();
+        for (int r = 0; r < kRows; ++r) {
+          const int64_t mg = (m0 + r0 + r) * G + g0 + i;
+          const __m512 dot = _mm512_cvtepi32_ps(_mm512_load_si512(sums[i] + 16 * (r0 + r)));
+          if constexpr (Int4) {  // as int4_rows8: acc += dot * (scale * dx), then acc += zero * sum(x)
+            v[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(sc, _mm512_set1_ps(a.DX[mg])), v[r]);
+            v[r] = _mm512_fmadd_ps(zv, _mm512_set1_ps(a.XS[mg]), v[r]);
+          } else {  // as int8_rows8: acc += dot * dx, scaled per output row at the end
+            v[r] = _mm512_fmadd_ps(dot, _mm512_set1_ps(a.DX[mg]), v[r]);
           }
         }
       }
-      for (int r = 0; r < 4; ++r)
-        for (int nt = 0; nt < NT; ++nt) _mm512_store_ps(acc[r0 + r][nt], v[r][nt]);
+      for (int r = 0; r < kRows; ++r) _mm512_store_ps(acc[r0 + r], v[r]);
     }
   }
-  for (int nt = 0; nt < NT; ++nt) {
-    const __m512 sc = Int4 ? _mm512_set1_ps(1.f) : _mm512_loadu_ps(a.scale + (n0 + nt) * 16);
-    for (int64_t r = 0; r < rows; ++r) {
-      const __m512 v = _mm512_load_ps(acc[r][nt]);
-      _mm512_storeu_ps(a.out + (m0 + r) * a.N + (n0 + nt) * 16, Int4 ? v : _mm512_mul_ps(v, sc));
-    }
+  const __m512 sc = Int4 ? _mm512_set1_ps(1.f) : _mm512_loadu_ps(a.scale + n0 * 16);
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 v = _mm512_load_ps(acc[r]);
+    _mm512_storeu_ps(a.out + (m0 + r) * a.N + n0 * 16, Int4 ? v : _mm512_mul_ps(v, sc));
+  }
+}
+
+// int4 codes of one output tile, two a byte (row q of a group's 4 x 64 bytes: tile row q in the low
+// nibbles, row q + 4 in the high ones), to the tiles' int8 layout, centred (code - 8).
+STREAMLLM_AMX void unpack_int4_tile(const uint8_t* src, int64_t G, int8_t* dst) {
+  const __m512i low = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
+  for (int64_t q = 0; q < 4 * G; ++q) {  // (group, row q) pairs in order
+    const __m512i v = _mm512_loadu_si512(src + q * 64);
+    int8_t* d = dst + (q / 4) * 512 + (q % 4) * 64;
+    _mm512_storeu_si512(d, _mm512_sub_epi8(_mm512_and_si512(v, low), eight));
+    _mm512_storeu_si512(d + 256, _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), eight));
   }
 }
 
 template <bool Int4>
-STREAMLLM_AMX void amx_tiles(const AmxArgs& a, int64_t p0, int64_t p1) {
+STREAMLLM_AMX void amx_tiles(const AmxArgs& a, int64_t n0, int64_t n1) {
   TileConfig cfg;
-  cfg.rows[0] = 16, cfg.colsb[0] = 32;
+  for (int t = 0; t < 2; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 32;
   for (int t = 2; t < 4; ++t) cfg.rows[t] = 8, cfg.colsb[t] = 64;
   for (int t = 4; t < 6; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
   _tile_loadconfig(&cfg);
-  const int64_t NT = a.N / 16;
-  for (int64_t p = p0; p < p1; ++p) {  // pairs of output tiles (the last one alone when NT is odd)
-    const int64_t n0 = 2 * p;
-    for (int64_t m0 = 0; m0 < a.M; m0 += 16) {
-      if (n0 + 1 < NT) amx_block<2, Int4>(a, m0, n0);
-      else amx_block<1, Int4>(a, m0, n0);
+  const int64_t G = a.K / 32;
+  std::vector<int8_t> unpacked(Int4 ? G * 512 : 0);  // int4: one output tile's codes as int8, for every row tile
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* w;
+    if constexpr (Int4) {
+      const uint8_t* packed = static_cast<const uint8_t*>(a.codes) + n * G * 256;
+      prefetch_rows(packed + G * 256, G * 256);  // the next tile's codes (past the end: harmless)
+      unpack_int4_tile(packed, G, unpacked.data());
+      w = unpacked.data();
+    } else {
+      w = static_cast<const int8_t*>(a.codes) + n * G * 512;
     }
+    for (int64_t m0 = 0; m0 < a.M; m0 += 16) amx_block<Int4>(a, w, m0, n);
   }
   _tile_release();
 }
@@ -786,11 +879,11 @@ at::Tensor q8act_amx_mm(const at::Tensor& x, const at::Tensor& codes, const at::
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat, "x [M, K] fp32");
   const int64_t M = x.size(0), K = x.size(1), G = K / 32;
   TORCH_CHECK(K % 32 == 0, "K a multiple of 32");
-  TORCH_CHECK(codes.dim() == 4 && codes.is_contiguous() && codes.scalar_type() == at::kChar &&
-                  codes.size(1) == G && codes.size(2) == 8 && codes.size(3) == 64,
-              "codes [N/16, K/32, 8, 64] int8");
-  const int64_t N = codes.size(0) * 16;
   const bool int4 = zero.has_value();
+  TORCH_CHECK(codes.dim() == 4 && codes.is_contiguous() && codes.scalar_type() == (int4 ? at::kByte : at::kChar) &&
+                  codes.size(1) == G && codes.size(2) == (int4 ? 4 : 8) && codes.size(3) == 64,
+              "codes [N/16, K/32, 4, 64] uint8 (int4) or [N/16, K/32, 8, 64] int8 (int8)");
+  const int64_t N = codes.size(0) * 16;
   TORCH_CHECK(scale.is_contiguous() && scale.scalar_type() == at::kFloat && scale.numel() == (int4 ? N * G : N),
               "scale [N/16, K/32, 16] (int4) or [N] (int8) fp32");
   TORCH_CHECK(!int4 || (zero->is_contiguous() && zero->scalar_type() == at::kFloat && zero->numel() == N * G),
@@ -802,11 +895,11 @@ at::Tensor q8act_amx_mm(const at::Tensor& x, const at::Tensor& codes, const at::
                   qs.data_ptr<float>());
   at::Tensor out = at::empty({M, N}, x.options());
   const AmxArgs a{xq.data_ptr<int8_t>(), dx.data_ptr<float>(), xs.data_ptr<float>(), M, K,
-                  codes.data_ptr<int8_t>(), scale.data_ptr<float>(), int4 ? zero->data_ptr<float>() : nullptr,
+                  codes.data_ptr(), scale.data_ptr<float>(), int4 ? zero->data_ptr<float>() : nullptr,
                   out.data_ptr<float>(), N};
-  at::parallel_for(0, (N / 16 + 1) / 2, 4, [&](int64_t p0, int64_t p1) {
-    if (int4) amx_tiles<true>(a, p0, p1);
-    else amx_tiles<false>(a, p0, p1);
+  at::parallel_for(0, N / 16, 8, [&](int64_t n0, int64_t n1) {
+    if (int4) amx_tiles<true>(a, n0, n1);
+    else amx_tiles<false>(a, n0, n1);
   });
   return out;
 }

@@ -324,7 +324,9 @@ def test_amx_kernel_checks_its_layout(amx):
     w, x = torch.randn(32, 64), torch.randn(2, 64)
     codes, scale, zero = pack_tiles_int4(quantize_int4(w))
     with pytest.raises(RuntimeError, match="codes"):
-        amx.q8act_amx_mm(x, codes.view(2, 2, 512), scale, zero)
+        amx.q8act_amx_mm(x, codes.view(2, 2, 256), scale, zero)
+    with pytest.raises(RuntimeError, match="codes"):  # int8 codes with an int4 zero: not int4's layout
+        amx.q8act_amx_mm(x, pack_tiles_int8(quantize_int8(w))[0], scale, zero)
     with pytest.raises(RuntimeError, match="scale"):
         amx.q8act_amx_mm(x, codes, scale[:1], zero)
     with pytest.raises(RuntimeError, match="K a multiple of 32"):
