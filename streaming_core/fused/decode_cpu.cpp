@@ -188,13 +188,23 @@ inline float dot(const float* q, const KV* k, int64_t hd) {
   return hsum(acc);
 }
 
+// Asks for n elements from p into the L2 cache, one request per 64-byte line.
+template <typename T>
+inline void prefetch_rows(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) _mm_prefetch(c + off, _MM_HINT_T1);
+}
+
 // The G query heads that share one KV head, scored together: each key row is loaded (and widened from
 // bf16) once for all G, 4 keys at a time. sc[h * stride + j] = q_h . k_j + m[j] for j in [j0, j1).
+// With `ahead`, the same key rows of the next task are prefetched as these are read: spread over the
+// loop, the requests keep memory busy without queueing up in one burst.
 template <int G, typename KV>
 inline void group_scores(const float* q, const KV* K, int64_t j0, int64_t j1, int64_t hd, const float* m,
-                         float* sc, int64_t stride) {
+                         float* sc, int64_t stride, const KV* ahead) {
   int64_t j = j0;
   for (; j + 4 <= j1; j += 4) {
+    if (ahead != nullptr) prefetch_rows(ahead + j * hd, 4 * hd);
     __m256 acc[G][4];
     for (int h = 0; h < G; ++h)
       for (int t = 0; t < 4; ++t) acc[h][t] = _mm256_setzero_ps();
@@ -213,20 +223,23 @@ inline void group_scores(const float* q, const KV* K, int64_t j0, int64_t j1, in
       _mm_storeu_ps(sc + h * stride + j, _mm_add_ps(four, _mm_loadu_ps(m + j)));
     }
   }
-  for (; j < j1; ++j)
+  for (; j < j1; ++j) {
+    if (ahead != nullptr) prefetch_rows(ahead + j * hd, hd);
     for (int h = 0; h < G; ++h) sc[h * stride + j] = dot(q + h * hd, K + j * hd, hd) + m[j];
+  }
 }
 
 // acc[h * hd + d] = sum_j p[h * stride + j] * v_j[d] for the G heads at once, over NV vectors of features
 // from d0: each value row is loaded once for all G. An entry every head gives weight 0 (empty: maybe
-// stale) is skipped.
+// stale) is skipped. With `ahead`, the next task's value rows are prefetched along (as group_scores).
 template <int G, int NV, typename KV>
 inline void group_values_at(const float* p, int64_t stride, const KV* V, int64_t L, int64_t hd, int64_t d0,
-                            float* acc) {
+                            float* acc, const KV* ahead) {
   __m256 a[G][NV];  // live: G * NV sums, G weights, one value vector
   for (int h = 0; h < G; ++h)
     for (int i = 0; i < NV; ++i) a[h][i] = _mm256_setzero_ps();
   for (int64_t j = 0; j < L; ++j) {
+    if (ahead != nullptr) prefetch_rows(ahead + j * hd, hd);
     bool any = false;
     __m256 w[G];
     for (int h = 0; h < G; ++h) {
@@ -246,43 +259,40 @@ inline void group_values_at(const float* p, int64_t stride, const KV* V, int64_t
 }
 
 template <int G, typename KV>
-inline void group_values(const float* p, int64_t stride, const KV* V, int64_t L, int64_t hd, float* acc) {
-  int64_t d0 = 0;
-  for (; d0 + 32 <= hd; d0 += 32) group_values_at<G, 4>(p, stride, V, L, hd, d0, acc);
-  for (; d0 < hd; d0 += 8) group_values_at<G, 1>(p, stride, V, L, hd, d0, acc);
+inline void group_values(const float* p, int64_t stride, const KV* V, int64_t L, int64_t hd, float* acc,
+                         const KV* ahead) {
+  int64_t d0 = 0;  // the first pass over the rows prefetches
+  for (; d0 + 32 <= hd; d0 += 32) group_values_at<G, 4>(p, stride, V, L, hd, d0, acc, d0 == 0 ? ahead : nullptr);
+  for (; d0 < hd; d0 += 8) group_values_at<G, 1>(p, stride, V, L, hd, d0, acc, d0 == 0 ? ahead : nullptr);
 }
 
 // Scores, then (after the softmax) values, for heads [h0, h0 + G) of one group.
 template <int G, typename KV>
 inline void group_attend_scores(const float* qw, const float* qs, const KV* K, int64_t S, int64_t L, int64_t hd,
-                                const float* m, float* sc, int64_t stride) {
-  group_scores<G>(qs, K, 0, S, hd, m, sc, stride);  // sinks: scored by the sink query
-  group_scores<G>(qw, K, S, L, hd, m, sc, stride);
+                                const float* m, float* sc, int64_t stride, const KV* ahead) {
+  group_scores<G>(qs, K, 0, S, hd, m, sc, stride, ahead);  // sinks: scored by the sink query
+  group_scores<G>(qw, K, S, L, hd, m, sc, stride, ahead);
 }
 
 template <typename KV>
 inline void scores_for_group(int64_t g, const float* qw, const float* qs, const KV* K, int64_t S, int64_t L,
-                             int64_t hd, const float* m, float* sc, int64_t stride) {
-  int64_t h = 0;
-  for (; h + 3 <= g; h += 3) group_attend_scores<3>(qw + h * hd, qs + h * hd, K, S, L, hd, m, sc + h * stride, stride);
-  for (; h + 2 <= g; h += 2) group_attend_scores<2>(qw + h * hd, qs + h * hd, K, S, L, hd, m, sc + h * stride, stride);
-  for (; h < g; ++h) group_attend_scores<1>(qw + h * hd, qs + h * hd, K, S, L, hd, m, sc + h * stride, stride);
+                             int64_t hd, const float* m, float* sc, int64_t stride, const KV* ahead) {
+  int64_t h = 0;  // the first heads' pass prefetches the next task's keys
+  for (; h + 3 <= g; h += 3)
+    group_attend_scores<3>(qw + h * hd, qs + h * hd, K, S, L, hd, m, sc + h * stride, stride, h ? nullptr : ahead);
+  for (; h + 2 <= g; h += 2)
+    group_attend_scores<2>(qw + h * hd, qs + h * hd, K, S, L, hd, m, sc + h * stride, stride, h ? nullptr : ahead);
+  for (; h < g; ++h)
+    group_attend_scores<1>(qw + h * hd, qs + h * hd, K, S, L, hd, m, sc + h * stride, stride, h ? nullptr : ahead);
 }
 
 template <typename KV>
 inline void values_for_group(int64_t g, const float* p, int64_t stride, const KV* V, int64_t L, int64_t hd,
-                             float* acc) {
+                             float* acc, const KV* ahead) {
   int64_t h = 0;
-  for (; h + 3 <= g; h += 3) group_values<3>(p + h * stride, stride, V, L, hd, acc + h * hd);
-  for (; h + 2 <= g; h += 2) group_values<2>(p + h * stride, stride, V, L, hd, acc + h * hd);
-  for (; h < g; ++h) group_values<1>(p + h * stride, stride, V, L, hd, acc + h * hd);
-}
-
-// Asks for n elements from p into the L2 cache, one request per 64-byte line.
-template <typename T>
-inline void prefetch_rows(const T* p, int64_t n) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) _mm_prefetch(c + off, _MM_HINT_T1);
+  for (; h + 3 <= g; h += 3) group_values<3>(p + h * stride, stride, V, L, hd, acc + h * hd, h ? nullptr : ahead);
+  for (; h + 2 <= g; h += 2) group_values<2>(p + h * stride, stride, V, L, hd, acc + h * hd, h ? nullptr : ahead);
+  for (; h < g; ++h) group_values<1>(p + h * stride, stride, V, L, hd, acc + h * hd, h ? nullptr : ahead);
 }
 
 template <typename KV, typename Out>
@@ -310,17 +320,19 @@ void attend_impl(const at::Tensor& q_w, const at::Tensor& q_s, const at::Tensor&
       const int64_t b = task / kvh, kv = task % kvh;
       const KV* Kh = K + ((slot[b] * kvh + kv) * cap) * hd;
       const KV* Vh = V + ((slot[b] * kvh + kv) * cap) * hd;
-      if (task + 1 < end) {  // the next task's rows, fetched while this one computes: a slot's L rows
-        // are one run of memory per head, too short for the hardware prefetcher to get ahead of
+      // the next task's rows are fetched while this one computes: a slot's L rows are one short run of
+      // memory per head, which the hardware prefetcher does not get ahead of
+      const KV *K_next = nullptr, *V_next = nullptr;
+      if (task + 1 < end) {
         const int64_t nb = (task + 1) / kvh, nkv = (task + 1) % kvh;
-        prefetch_rows(K + ((slot[nb] * kvh + nkv) * cap) * hd, L * hd);
-        prefetch_rows(V + ((slot[nb] * kvh + nkv) * cap) * hd, L * hd);
+        K_next = K + ((slot[nb] * kvh + nkv) * cap) * hd;
+        V_next = V + ((slot[nb] * kvh + nkv) * cap) * hd;
       }
       const float* m = mask + b * L;
       const float* qw_h = qw + (b * H + kv * g) * hd;  // the group's g heads, consecutive
       const float* qs_h = qs ? qs + (b * H + kv * g) * hd : qw_h;
       const int64_t S = qs ? std::min<int64_t>(sink[b], L) : 0;
-      scores_for_group(g, qw_h, qs_h, Kh, S, L, hd, m, score.data(), L8);
+      scores_for_group(g, qw_h, qs_h, Kh, S, L, hd, m, score.data(), L8, K_next);
       for (int64_t h = 0; h < g; ++h) {
         float* sc = score.data() + h * L8;
         for (int64_t j = L; j < L8; ++j) sc[j] = -INFINITY;
@@ -340,7 +352,7 @@ void attend_impl(const at::Tensor& q_w, const at::Tensor& q_s, const at::Tensor&
         const float inv = 1.f / hsum(total);
         for (int64_t j = 0; j < L; ++j) sc[j] *= inv;
       }
-      values_for_group(g, score.data(), L8, Vh, L, hd, acc.data());
+      values_for_group(g, score.data(), L8, Vh, L, hd, acc.data(), V_next);
       for (int64_t h = 0; h < g; ++h) {
         Out* dst = o + (b * H + kv * g + h) * hd;
         for (int64_t d = 0; d < hd; d += 8) store8(dst + d, _mm256_loadu_ps(acc.data() + h * hd + d));
@@ -544,6 +556,11 @@ struct VnniDot {
 // scale and zero [N/8, G, 8]: w = (code - 8) * scale + zero. The sums run over (code - 8) * xq, as
 // code * xq - 8 * sum(xq): a centred code keeps x's rounding error proportional to w - zero, not to w's
 // distance from its group's minimum. M <= 4 rows of x per call.
+// How far ahead of the codes being multiplied the loops below ask for more (bytes): the weights stream
+// from memory once per step, and requests a few KB ahead keep that stream going (past the end of the
+// weights a prefetch is harmless).
+constexpr int64_t kAhead = 2048;
+
 struct Int4Args {
   const int8_t* XQ;
   const float *DX, *XS, *QS;
@@ -565,6 +582,8 @@ __attribute__((always_inline)) inline void int4_rows8(const Int4Args& a, int64_t
     const float* s = a.scale + nb * G * 8;
     const float* z = a.zero + nb * G * 8;
     for (int64_t g = 0; g < G; ++g, c += 128) {
+      _mm_prefetch(reinterpret_cast<const char*>(c + kAhead), _MM_HINT_T0);  // see kAhead
+      _mm_prefetch(reinterpret_cast<const char*>(c + kAhead + 64), _MM_HINT_T0);
       __m256i w[8];
       for (int t = 0; t < 4; ++t) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * t));
@@ -604,6 +623,7 @@ __attribute__((always_inline)) inline void int8_rows8(const Int8Args& a, int64_t
     for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
     const int8_t* w = a.codes + nb * G * 256;
     for (int64_t g = 0; g < G; ++g, w += 256) {
+      for (int l = 0; l < 256; l += 64) _mm_prefetch(reinterpret_cast<const char*>(w + kAhead + l), _MM_HINT_T0);
       __m256i sum[M];
       for (int m = 0; m < M; ++m) sum[m] = _mm256_setzero_si256();
       for (int t = 0; t < 8; ++t) {
@@ -775,7 +795,7 @@ struct AmxArgs {
 // loops' order. The tile products are software-pipelined over two sets of tiles (activations 0 and 1,
 // weights 2 and 3, sums 4 and 5): group i + 1's product runs while group i's sums are stored.
 template <bool Int4>
-STREAMLLM_AMX void amx_block(const AmxArgs& a, const int8_t* w, int64_t m0, int64_t n0) {
+STREAMLLM_AMX void amx_block(const AmxArgs& a, const int8_t* w, int64_t m0, int64_t n0, const uint8_t* ahead) {
   constexpr int64_t kChunk = 8;  // groups whose sums are held at once: 8 KB
   constexpr int kRows = 8;       // output rows folded together: 8 independent chains of fmas
   const int64_t G = a.K / 32, rows = std::min<int64_t>(16, a.M - m0);
@@ -792,6 +812,7 @@ STREAMLLM_AMX void amx_block(const AmxArgs& a, const int8_t* w, int64_t m0, int6
     for (int64_t i = 0; i < gn; i += 2) {  // set 0 holds group g0 + i, set 1 group g0 + i + 1
       const int64_t g = g0 + i;
       if constexpr (!Int4) prefetch_rows(w + (g + kChunk) * 512, 1024);  // 2 groups on (past the end: harmless)
+      if (ahead != nullptr) prefetch_rows(ahead + g * 256, 512);  // int4: the next tile's packed codes
       if (i + 1 < gn) {
         _tile_zero(5);
         _tile_loadd(1, x + (g + 1) * 32, a.K);
@@ -858,15 +879,16 @@ STREAMLLM_AMX void amx_tiles(const AmxArgs& a, int64_t n0, int64_t n1) {
   std::vector<int8_t> unpacked(Int4 ? G * 512 : 0);  // int4: one output tile's codes as int8, for every row tile
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* w;
+    const uint8_t* ahead = nullptr;
     if constexpr (Int4) {
       const uint8_t* packed = static_cast<const uint8_t*>(a.codes) + n * G * 256;
-      prefetch_rows(packed + G * 256, G * 256);  // the next tile's codes (past the end: harmless)
       unpack_int4_tile(packed, G, unpacked.data());
       w = unpacked.data();
+      ahead = n + 1 < n1 ? packed + G * 256 : nullptr;  // fetched along the first row tile's groups
     } else {
       w = static_cast<const int8_t*>(a.codes) + n * G * 512;
     }
-    for (int64_t m0 = 0; m0 < a.M; m0 += 16) amx_block<Int4>(a, w, m0, n);
+    for (int64_t m0 = 0; m0 < a.M; m0 += 16) amx_block<Int4>(a, w, m0, n, m0 == 0 ? ahead : nullptr);
   }
   _tile_release();
 }
