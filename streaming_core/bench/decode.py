@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import textwrap
 import time
 from typing import Any
 
@@ -131,7 +132,9 @@ def run(args: argparse.Namespace) -> int:
         )
         ax.set_xscale("log", base=2)
         ax.set(
-            xlabel="concurrent sessions", ylabel="aggregate tokens/s", title=f"Decode throughput ({caption})"
+            xlabel="concurrent sessions",
+            ylabel="aggregate tokens/s",
+            title="Decode throughput\n" + textwrap.fill(caption, 72),
         )
         ax.legend()
         save_figure(fig, args.plot)
