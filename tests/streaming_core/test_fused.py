@@ -340,3 +340,17 @@ def test_the_tuner_offers_amx_exactly_where_it_runs(kernels):
         assert (name in lin.candidates(mode, w, kernels)) == kernels.amx_available()
         assert name not in lin.candidates(mode, torch.randn(40, 96), kernels)  # 40 outputs: not whole tiles
         assert name not in lin.candidates(mode, w)  # no compiled module
+
+
+def test_bf16_outputs_round_as_torch(kernels):
+    """The kernels' vectorised bf16 stores round to nearest even exactly as torch's fp32 -> bf16 cast:
+    RMSNorm written in bf16 equals RMSNorm written in fp32 and cast, bit for bit, over random finite bit
+    patterns (ties, subnormals, huge values) and ordinary activations."""
+    bits = torch.randint(-(2**31), 2**31 - 1, (3, 4096), generator=torch.Generator().manual_seed(0))
+    x = bits.to(torch.int32).view(torch.float32)
+    x = torch.nan_to_num(x, nan=1.0, posinf=1.0, neginf=1.0).clamp(-1e30, 1e30)
+    for rows in (x, torch.randn(5, 576) * 3):
+        gain = torch.ones(rows.shape[1])
+        as_bf16 = kernels.add_rms_norm_(rows.clone(), None, gain, 0.0, True)
+        cast = kernels.add_rms_norm_(rows.clone(), None, gain, 0.0, False).to(torch.bfloat16)
+        assert torch.equal(as_bf16.view(torch.int16), cast.view(torch.int16))
