@@ -296,7 +296,10 @@ class Engine:
             logits = torch.cat([lg for _, lg in to_sample])  # [B, V]
             samplers = [r.sampler for r, _ in to_sample]
             assert all(s is not None for s in samplers)
-            for (req, _), tok in zip(to_sample, sample(logits, samplers), strict=True):  # type: ignore[arg-type]
+            fused = self.model.fused  # greedy picks on the compiled kernels where the model has them
+            argmax = fused.argmax_rows if fused is not None and logits.dtype == torch.float32 else None
+            picked = sample(logits, samplers, argmax)  # type: ignore[arg-type]
+            for (req, _), tok in zip(to_sample, picked, strict=True):
                 self._emit(req, tok.token, tok.logprob, tok.top_logprobs)
         self.steps += 1
         if self.on_step is not None:

@@ -7,7 +7,7 @@ comes from that row's own generator, so a seeded request samples the same tokens
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -225,8 +225,13 @@ def _draw_sorted(logits: torch.Tensor, requests: Sequence[RequestSampler], u: to
     return order.gather(1, _inverse_cdf(probs, u)).squeeze(1)  # [B]
 
 
-def sample(logits: torch.Tensor, requests: Sequence[RequestSampler]) -> list[SampledToken]:
-    """logits [B, V], one row per request -> one token per row, recorded in each request."""
+def sample(
+    logits: torch.Tensor,
+    requests: Sequence[RequestSampler],
+    argmax: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> list[SampledToken]:
+    """logits [B, V], one row per request -> one token per row, recorded in each request. `argmax`, where
+    given, replaces `torch.argmax(dim=-1)` on CPU rows (the compiled kernels' `argmax_rows`: same indices)."""
     if logits.dim() != 2 or logits.shape[0] != len(requests):
         raise ValueError(f"logits must be [{len(requests)}, V], got {tuple(logits.shape)}")
     if any(r.vocab_size != logits.shape[1] for r in requests):
@@ -234,7 +239,10 @@ def sample(logits: torch.Tensor, requests: Sequence[RequestSampler]) -> list[Sam
     params = [r.params for r in requests]
     raw = logits.float()  # [B, V]
     penalized = _penalize(raw, requests)  # [B, V]
-    tokens = penalized.argmax(dim=-1)  # [B]
+    if argmax is not None and penalized.device.type == "cpu":
+        tokens = argmax(penalized.contiguous())  # [B]
+    else:
+        tokens = penalized.argmax(dim=-1)  # [B]
     if not all(p.greedy for p in params):
         greedy = torch.tensor([p.greedy for p in params], device=logits.device)  # [B]
         tokens = torch.where(greedy, tokens, _draw(penalized, requests))  # [B]

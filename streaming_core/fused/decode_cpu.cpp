@@ -926,6 +926,60 @@ at::Tensor q8act_amx_mm(const at::Tensor& x, const at::Tensor& codes, const at::
   return out;
 }
 
+
+// -- greedy sampling ------------------------------------------------------------------------------------
+// The index of each row's largest value, as torch.argmax(dim=-1): the first of equal maxima, and the
+// first NaN where a row has one. torch's CPU reduction does ~0.75 G values/s (2 ms for 32 rows of a
+// 49K vocabulary); this one reads 8 lanes at a time, rows in parallel.
+int64_t argmax_row(const float* x, int64_t V) {
+  int64_t j = 0, best_i = 0;
+  float best = -INFINITY;
+  if (V >= 8) {
+    __m256 bv = _mm256_loadu_ps(x);
+    __m256i bi = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i idx = bi;
+    const __m256i step = _mm256_set1_epi32(8);
+    __m256 nan = _mm256_cmp_ps(bv, bv, _CMP_UNORD_Q);
+    for (j = 8; j + 8 <= V; j += 8) {
+      idx = _mm256_add_epi32(idx, step);
+      const __m256 v = _mm256_loadu_ps(x + j);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      const __m256 gt = _mm256_cmp_ps(v, bv, _CMP_GT_OQ);  // strictly greater: a lane keeps its first maximum
+      bv = _mm256_blendv_ps(bv, v, gt);
+      bi = _mm256_blendv_epi8(bi, idx, _mm256_castps_si256(gt));
+    }
+    if (_mm256_movemask_ps(nan) != 0) {  // a NaN wins, the first one
+      for (int64_t k = 0; k < V; ++k)
+        if (std::isnan(x[k])) return k;
+    }
+    alignas(32) float vals[8];
+    alignas(32) int32_t ids[8];
+    _mm256_store_ps(vals, bv);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(ids), bi);
+    best = vals[0], best_i = ids[0];
+    for (int l = 1; l < 8; ++l) {
+      if (vals[l] > best || (vals[l] == best && ids[l] < best_i)) best = vals[l], best_i = ids[l];
+    }
+  }
+  for (; j < V; ++j) {  // the tail (or a row shorter than 8)
+    if (std::isnan(x[j])) return j;
+    if (x[j] > best || (j == 0 && !(x[j] < best))) best = x[j], best_i = j;
+  }
+  return best_i;
+}
+
+at::Tensor argmax_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat, "x [B, V] fp32");
+  TORCH_CHECK(x.size(1) > 0 && x.size(1) < (int64_t{1} << 31), "0 < V < 2^31");
+  const int64_t B = x.size(0), V = x.size(1);
+  at::Tensor out = at::empty({B}, x.options().dtype(at::kLong));
+  const float* src = x.data_ptr<float>();
+  int64_t* dst = out.data_ptr<int64_t>();
+  at::parallel_for(0, B, std::max<int64_t>(1, 65536 / V), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) dst[b] = argmax_row(src + b * V, V);
+  });
+  return out;
+}
 }  // namespace
 
 // The kernels keep the GIL (microseconds each at one row): releasing it around every call, as torch's own
@@ -940,6 +994,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_dot_isa", &int8_dot_isa, "the int8-activation matmuls' instruction set; optionally allow VNNI or not",
         py::arg("allow_vnni") = py::none());
   m.def("int8_q8act_mm", &int8_q8act_mm, "x @ int8 weights (8-row interleaved), x quantized to int8 per 32");
+  m.def("argmax_rows", &argmax_rows, "torch.argmax(x, dim=-1) for x [B, V] fp32, rows in parallel");
   m.def("amx_available", &amx_permitted, "whether this CPU and kernel let the AMX int8 tiles run");
   m.def("q8act_amx_mm", &q8act_amx_mm, "x @ int4 (zero given) or int8 weights in the AMX tile layout, x quantized to int8 per 32",
         py::arg("x"), py::arg("codes"), py::arg("scale"), py::arg("zero") = py::none());

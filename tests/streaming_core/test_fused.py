@@ -354,3 +354,17 @@ def test_bf16_outputs_round_as_torch(kernels):
         as_bf16 = kernels.add_rms_norm_(rows.clone(), None, gain, 0.0, True)
         cast = kernels.add_rms_norm_(rows.clone(), None, gain, 0.0, False).to(torch.bfloat16)
         assert torch.equal(as_bf16.view(torch.int16), cast.view(torch.int16))
+
+
+def test_argmax_rows_picks_what_torch_picks(kernels):
+    """argmax_rows is torch.argmax(dim=-1): the first of equal maxima (within a lane and across lanes),
+    the first NaN where a row has one, index 0 for an all -inf row, for widths below, at and past 8 lanes."""
+    for v in (1, 5, 8, 13, 64, 49152 + 3):
+        x = torch.randn(7, v, generator=torch.Generator().manual_seed(v))
+        x[1] = x[1].round()  # many ties
+        x[2] = float("-inf")
+        x[3, v // 2] = float("nan")
+        x[4, -1] = float("nan")
+        x[5, v // 3] = x[5, -1] = x[5].max() + 1  # the same maximum twice
+        x[6] = 0.0
+        assert torch.equal(kernels.argmax_rows(x), x.argmax(dim=-1)), v
