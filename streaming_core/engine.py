@@ -297,7 +297,7 @@ class Engine:
             samplers = [r.sampler for r, _ in to_sample]
             assert all(s is not None for s in samplers)
             fused = self.model.fused  # greedy picks on the compiled kernels where the model has them
-            argmax = fused.argmax_rows if fused is not None and logits.dtype == torch.float32 else None
+            argmax = fused.argmax_rows if fused is not None else None
             picked = sample(logits, samplers, argmax)  # type: ignore[arg-type]
             for (req, _), tok in zip(to_sample, picked, strict=True):
                 self._emit(req, tok.token, tok.logprob, tok.top_logprobs)

@@ -88,48 +88,49 @@ def _interleave_rows(codes: torch.Tensor, rows: int) -> torch.Tensor:
     return codes.view(out // rows, rows, k // INT4_GROUP, 8, 4).permute(0, 2, 3, 1, 4)
 
 
-def pack_rows8_int4(q4: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """int4 codes for `int4_q8act_mm`: codes [out/8, in/32, 4, 32] uint8 (k = 4t+b in the low nibble of
-    byte 4l+b of vector t, k = 4(t+4)+b in its high nibble), scale and zero [out/8, in/32, 8] fp32 with
-    w = (code - 8) * scale + zero, the weights of `q4.dequantized()`."""
+def _pack_int4(q4: Int4Weight, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int4 codes interleaved `rows` at a time (`_interleave_rows`), steps t and t + 4 sharing a byte (low and
+    high nibble): [out/rows, in/32, 4, 4 * rows] uint8; scale and zero per group, the block's rows side by
+    side: [out/rows, in/32, rows] fp32, with w = (code - 8) * scale + zero, the weights of `q4.dequantized()`."""
     out, k = q4.codes.shape
-    c = _interleave_rows(q4.codes, 8)  # [out/8, groups, 8 steps, 8 rows, 4]
-    packed = (c[:, :, :4] | (c[:, :, 4:] << 4)).reshape(out // 8, k // INT4_GROUP, 4, 32).contiguous()
+    c = _interleave_rows(q4.codes, rows)  # [out/rows, groups, 8 steps, rows, 4]
+    packed = (
+        (c[:, :, :4] | (c[:, :, 4:] << 4)).reshape(out // rows, k // INT4_GROUP, 4, 4 * rows).contiguous()
+    )
     sz = q4.scale_zero.float().transpose(0, 1)  # [out, groups, 2]
-    scale, zero = sz[..., 0], sz[..., 1]
 
-    def by_block(a: torch.Tensor) -> torch.Tensor:  # [out, groups] -> [out/8, groups, 8]
-        return a.reshape(out // 8, 8, -1).permute(0, 2, 1).contiguous()
+    def by_block(a: torch.Tensor) -> torch.Tensor:  # [out, groups] -> [out/rows, groups, rows]
+        return a.reshape(out // rows, rows, -1).permute(0, 2, 1).contiguous()
 
-    return packed, by_block(scale), by_block(zero)
+    return packed, by_block(sz[..., 0]), by_block(sz[..., 1])
+
+
+def _pack_int8(q8: Int8Weight, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes interleaved `rows` at a time: [out/rows, in/32, 8, 4 * rows]; the per-row scales [out] fp32."""
+    out, k = q8.q.shape
+    packed = _interleave_rows(q8.q, rows).reshape(out // rows, k // INT4_GROUP, 8, 4 * rows).contiguous()
+    return packed, q8.scales.float().contiguous()
+
+
+def pack_rows8_int4(q4: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int4 weights for `int4_q8act_mm`: codes [out/8, in/32, 4, 32] uint8 (k = 4t+b in the low nibble of
+    byte 4l+b of vector t, k = 4(t+4)+b in its high nibble), scale and zero [out/8, in/32, 8] fp32."""
+    return _pack_int4(q4, 8)
 
 
 def pack_rows8_int8(q8: Int8Weight) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 codes for `int8_q8act_mm`: [out/8, in/32, 8, 32] (lane l of vector t: row l's codes 4t..4t+3)
     and the per-row scales [out] fp32."""
-    out, k = q8.q.shape
-    packed = _interleave_rows(q8.q, 8).reshape(out // 8, k // INT4_GROUP, 8, 32).contiguous()
-    return packed, q8.scales.float().contiguous()
-
-
-def _scale_tiles(a: torch.Tensor) -> torch.Tensor:
-    """[out, groups] -> [out/16, groups, 16]: one group's scales for an AMX tile's 16 columns together."""
-    return a.reshape(a.shape[0] // 16, 16, -1).permute(0, 2, 1).contiguous()
+    return _pack_int8(q8, 8)
 
 
 def pack_tiles_int4(q4: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """int4 weights for `q8act_amx_mm`: codes in the AMX tile layout [out/16, in/32, 8 rows, 64] two a byte,
     rows r and r + 4 in the low and high nibbles ([out/16, in/32, 4, 64] uint8); scale and zero
-    [out/16, in/32, 16] fp32 with w = (code - 8) * scale + zero: the weights of `q4.dequantized()`."""
-    out, k = q4.codes.shape
-    rows = _interleave_rows(q4.codes, 16).reshape(out // 16, k // INT4_GROUP, 8, 64)
-    codes = (rows[:, :, :4] | (rows[:, :, 4:] << 4)).contiguous()
-    sz = q4.scale_zero.float().transpose(0, 1)  # [out, groups, 2]
-    return codes, _scale_tiles(sz[..., 0]), _scale_tiles(sz[..., 1])
+    [out/16, in/32, 16] fp32."""
+    return _pack_int4(q4, 16)
 
 
 def pack_tiles_int8(q8: Int8Weight) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 weights for `q8act_amx_mm`: codes [out/16, in/32, 8, 64] and the per-row scales [out] fp32."""
-    out, k = q8.q.shape
-    codes = _interleave_rows(q8.q, 16).reshape(out // 16, k // INT4_GROUP, 8, 64).contiguous()
-    return codes, q8.scales.float().contiguous()
+    return _pack_int8(q8, 16)
