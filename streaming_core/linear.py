@@ -165,8 +165,9 @@ def _on_fused(
     group of 32 is rounded to int8 (scale max|x| / 127, as GGUF's Q8_0 on llama.cpp's CPU path) and
     multiplied by the quantized weights' integer codes: the same weights, activations rounded by up to
     1/254 of their group's largest value. int4_q8act_mm / int8_q8act_mm run AVX2 (or AVX-VNNI) integer
-    multiply-adds with 8 output rows per vector; q8act_amx_mm the same products on AMX tiles, summed in the
-    same order (the same bits), with one tile instruction per 16 x 16 outputs and group."""
+    multiply-adds with 8 output rows per vector; q8act_zmm_mm the same with AVX-512 VNNI, 16 output rows per
+    vector, and q8act_amx_mm on AMX tiles, one tile instruction per 16 x 16 outputs and group: both sum the
+    same integers and fold them in the same order (the same bits)."""
 
     def build(w: torch.Tensor, b: torch.Tensor | None) -> Kernel:
         packed = pack(quantize(w))
@@ -208,7 +209,9 @@ def candidates(
     CPU kernels, also their int8-activation matmuls)."""
     # the compiled module, where it can take this weight
     q8act = fused if weight.dtype == torch.float32 and rows8_supported(weight) else None
-    amx = q8act if q8act is not None and tiles_supported(weight) and q8act.amx_available() else None
+    tiles = q8act if q8act is not None and tiles_supported(weight) else None
+    amx = tiles if tiles is not None and tiles.amx_available() else None
+    zmm = tiles if tiles is not None and tiles.zmm_available() else None
     if mode == "dense":
         kernels: dict[str, Callable[[torch.Tensor, torch.Tensor | None], Kernel]] = {
             "dense-nn": _dense_nn,
@@ -229,6 +232,8 @@ def candidates(
         }
         if q8act is not None:
             kernels["int8-q8act-f32"] = _on_fused(quantize_int8, pack_rows8_int8, q8act.int8_q8act_mm)
+        if zmm is not None:
+            kernels["int8-q8act-zmm-f32"] = _on_fused(quantize_int8, pack_tiles_int8, zmm.q8act_zmm_mm)
         if amx is not None:
             kernels["int8-q8act-amx-f32"] = _on_fused(quantize_int8, pack_tiles_int8, amx.q8act_amx_mm)
         return kernels
@@ -242,6 +247,8 @@ def candidates(
         }
         if q8act is not None:
             kernels["int4-q8act-f32"] = _on_fused(quantize_int4, pack_rows8_int4, q8act.int4_q8act_mm)
+        if zmm is not None:
+            kernels["int4-q8act-zmm-f32"] = _on_fused(quantize_int4, pack_tiles_int4, zmm.q8act_zmm_mm)
         if amx is not None:
             kernels["int4-q8act-amx-f32"] = _on_fused(quantize_int4, pack_tiles_int4, amx.q8act_amx_mm)
         return kernels

@@ -927,6 +927,159 @@ at::Tensor q8act_amx_mm(const at::Tensor& x, const at::Tensor& codes, const at::
 }
 
 
+// -- the same matmuls with AVX-512 VNNI --------------------------------------------------------------
+// On CPUs with AVX-512 VNNI but no AMX (Ice Lake and Sapphire Rapids servers where the tiles are not
+// granted, AMD Zen 4 and later) a 512-bit dot product covers 16 output rows at once, where AVX2 covers 8:
+// the integer work of `int4_rows8` / `int8_rows8` in half the instructions, up to 8 rows of activations
+// per load of a group's weights. The weights are in the AMX tiles' layout (one output tile = 16 lanes,
+// vector t holding inputs 4t..4t+3 of each); each lane runs the AVX2 loops' operations in their order,
+// so the outputs are theirs bit for bit.
+#define STREAMLLM_ZMM __attribute__((target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
+
+bool zmm_supported() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("avx512vnni");
+  return ok;
+}
+
+struct ZmmArgs {
+  const int8_t* XQ;  // [M, K]
+  const float *DX, *XS, *QS;  // [M, G]
+  int64_t K;
+  const void* codes;  // as AmxArgs: int4 [N/16, G, 4, 64] uint8 (codes 0..15), int8 [N/16, G, 8, 64]
+  const float *scale, *zero;  // int4: [N/16, G, 16] each; int8: scale [N], zero null
+  float* out;
+  int64_t N;
+};
+
+// Rows m0..m0+R of x against output tile n.
+template <int R>
+STREAMLLM_ZMM void int4_zmm_block(const ZmmArgs& a, int64_t n, int64_t m0) {
+  const int64_t G = a.K / 32;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const uint8_t* c = static_cast<const uint8_t*>(a.codes) + n * G * 256;
+  const float* s = a.scale + n * G * 16;
+  const float* z = a.zero + n * G * 16;
+  const int8_t* x = a.XQ + m0 * a.K;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g, c += 256) {
+    if (m0 == 0) prefetch_rows(c + G * 256, 256);  // the next tile's codes, along the first rows' pass
+    __m512i w[8];
+    for (int t = 0; t < 4; ++t) {
+      const __m512i v = _mm512_loadu_si512(c + 64 * t);
+      w[t] = _mm512_and_si512(v, low);
+      w[t + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    }
+    __m512i sum[R];  // one chain of dot products per row, interleaved: each waits on the one before
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) sum[r] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; ++t) {
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        int32_t v;
+        std::memcpy(&v, x + r * a.K + g * 32 + 4 * t, 4);
+        sum[r] = _mm512_dpbusd_epi32(sum[r], w[t], _mm512_set1_epi32(v));
+      }
+    }
+    const __m512 sc = _mm512_loadu_ps(s + g * 16), zv = _mm512_loadu_ps(z + g * 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const int64_t mg = (m0 + r) * G + g;
+      const __m512 dot = _mm512_sub_ps(_mm512_cvtepi32_ps(sum[r]), _mm512_set1_ps(8.f * a.QS[mg]));
+      acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(sc, _mm512_set1_ps(a.DX[mg])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(zv, _mm512_set1_ps(a.XS[mg]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(a.out + (m0 + r) * a.N + n * 16, acc[r]);
+}
+
+// int8 weights are signed, so the activations go in as unsigned bytes, xq + 128 (`XQ` holds those here),
+// and 128 * sum(w) comes off each group's integer sum: the same integers as int8_rows8's sign trick.
+template <int R>
+STREAMLLM_ZMM void int8_zmm_block(const ZmmArgs& a, int64_t n, int64_t m0) {
+  const int64_t G = a.K / 32;
+  const int8_t* w = static_cast<const int8_t*>(a.codes) + n * G * 512;
+  const int8_t* x = a.XQ + m0 * a.K;
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g, w += 512) {
+    if (m0 == 0) prefetch_rows(w + G * 512, 512);
+    __m512i sum[R], wsum = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) sum[r] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; ++t) {
+      const __m512i wv = _mm512_loadu_si512(w + 64 * t);
+      wsum = _mm512_dpbusd_epi32(wsum, ones, wv);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        int32_t v;
+        std::memcpy(&v, x + r * a.K + g * 32 + 4 * t, 4);
+        sum[r] = _mm512_dpbusd_epi32(sum[r], _mm512_set1_epi32(v), wv);
+      }
+    }
+    const __m512i bias = _mm512_slli_epi32(wsum, 7);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum[r], bias));
+      acc[r] = _mm512_fmadd_ps(dot, _mm512_set1_ps(a.DX[(m0 + r) * G + g]), acc[r]);
+    }
+  }
+  const __m512 sc = _mm512_loadu_ps(a.scale + n * 16);
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(a.out + (m0 + r) * a.N + n * 16, _mm512_mul_ps(acc[r], sc));
+}
+
+template <bool Int4>
+void zmm_block(int64_t rows, const ZmmArgs& a, int64_t n, int64_t m0) {
+  using Block = void (*)(const ZmmArgs&, int64_t, int64_t);
+  static constexpr Block int4[8] = {int4_zmm_block<1>, int4_zmm_block<2>, int4_zmm_block<3>, int4_zmm_block<4>,
+                                    int4_zmm_block<5>, int4_zmm_block<6>, int4_zmm_block<7>, int4_zmm_block<8>};
+  static constexpr Block int8[8] = {int8_zmm_block<1>, int8_zmm_block<2>, int8_zmm_block<3>, int8_zmm_block<4>,
+                                    int8_zmm_block<5>, int8_zmm_block<6>, int8_zmm_block<7>, int8_zmm_block<8>};
+  (Int4 ? int4 : int8)[rows - 1](a, n, m0);
+}
+
+// x [M, K] fp32 @ int4 (zero given) or int8 weights in the tile layout (as q8act_amx_mm) -> [M, N] fp32
+at::Tensor q8act_zmm_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                        const c10::optional<at::Tensor>& zero) {
+  TORCH_CHECK(zmm_supported(), "this CPU lacks AVX-512 VNNI");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat, "x [M, K] fp32");
+  const int64_t M = x.size(0), K = x.size(1), G = K / 32;
+  TORCH_CHECK(K % 32 == 0, "K a multiple of 32");
+  const bool int4 = zero.has_value();
+  TORCH_CHECK(codes.dim() == 4 && codes.is_contiguous() && codes.scalar_type() == (int4 ? at::kByte : at::kChar) &&
+                  codes.size(1) == G && codes.size(2) == (int4 ? 4 : 8) && codes.size(3) == 64,
+              "codes [N/16, K/32, 4, 64] uint8 (int4) or [N/16, K/32, 8, 64] int8 (int8)");
+  const int64_t N = codes.size(0) * 16;
+  TORCH_CHECK(scale.is_contiguous() && scale.scalar_type() == at::kFloat && scale.numel() == (int4 ? N * G : N),
+              "scale [N/16, K/32, 16] (int4) or [N] (int8) fp32");
+  TORCH_CHECK(!int4 || (zero->is_contiguous() && zero->scalar_type() == at::kFloat && zero->numel() == N * G),
+              "zero [N/16, K/32, 16] fp32");
+  const QuantizedX xq = quantize_x(x);
+  if (!int4) {  // int8 weights take the activations as unsigned bytes, xq + 128 (int8_zmm_block)
+    uint8_t* q = reinterpret_cast<uint8_t*>(xq.q.data_ptr<int8_t>());
+    for (int64_t i = 0; i < M * K; ++i) q[i] ^= 0x80;
+  }
+  at::Tensor out = at::empty({M, N}, x.options());
+  const ZmmArgs a{xq.q.data_ptr<int8_t>(), xq.d.data_ptr<float>(), xq.s.data_ptr<float>(), xq.qs.data_ptr<float>(),
+                  K, codes.data_ptr(), scale.data_ptr<float>(), int4 ? zero->data_ptr<float>() : nullptr,
+                  out.data_ptr<float>(), N};
+  at::parallel_for(0, N / 16, int4 ? 2 : 8, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t m0 = 0; m0 < M; m0 += 8) {
+        if (int4) zmm_block<true>(std::min<int64_t>(8, M - m0), a, n, m0);
+        else zmm_block<false>(std::min<int64_t>(8, M - m0), a, n, m0);
+      }
+    }
+  });
+  return out;
+}
+
+
 // -- greedy sampling ------------------------------------------------------------------------------------
 // The index of each row's largest value, as torch.argmax(dim=-1): the first of equal maxima, and the
 // first NaN where a row has one. torch's CPU reduction does ~0.75 G values/s (2 ms for 32 rows of a
@@ -995,6 +1148,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("allow_vnni") = py::none());
   m.def("int8_q8act_mm", &int8_q8act_mm, "x @ int8 weights (8-row interleaved), x quantized to int8 per 32");
   m.def("argmax_rows", &argmax_rows, "torch.argmax(x, dim=-1) for x [B, V] fp32, rows in parallel");
+  m.def("zmm_available", &zmm_supported, "whether this CPU has AVX-512 VNNI for q8act_zmm_mm");
+  m.def("q8act_zmm_mm", &q8act_zmm_mm, "q8act_amx_mm's matmuls with AVX-512 VNNI, 16 output rows per vector",
+        py::arg("x"), py::arg("codes"), py::arg("scale"), py::arg("zero") = py::none());
   m.def("amx_available", &amx_permitted, "whether this CPU and kernel let the AMX int8 tiles run");
   m.def("q8act_amx_mm", &q8act_amx_mm, "x @ int4 (zero given) or int8 weights in the AMX tile layout, x quantized to int8 per 32",
         py::arg("x"), py::arg("codes"), py::arg("scale"), py::arg("zero") = py::none());

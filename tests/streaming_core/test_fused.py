@@ -299,45 +299,55 @@ def test_avx2_and_vnni_sum_the_same_integers(kernels):
         kernels.int8_dot_isa(default == "avxvnni")
 
 
-@pytest.fixture
-def amx(kernels):
-    if not kernels.amx_available():
-        pytest.skip("this CPU (or kernel) runs no AMX int8 tiles")
-    return kernels
+TILE_KERNELS = {"amx": ("amx_available", "q8act_amx_mm"), "zmm": ("zmm_available", "q8act_zmm_mm")}
 
 
-@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40])  # part of a tile, one, one and a row, several
-def test_amx_tiles_give_the_avx2_kernels_bits(amx, rows):
-    """q8act_amx_mm sums the same integer products per group and folds them into fp32 in the same order
-    as int4_q8act_mm / int8_q8act_mm: bit for bit the same outputs, for any number of rows and an odd
-    number of 16-column output tiles (48 outputs: a pair and a single)."""
+@pytest.fixture(params=sorted(TILE_KERNELS))
+def tiles(request, kernels):
+    """The matmuls over the tile layout: on AMX tiles, and with AVX-512 VNNI (each where the CPU runs it)."""
+    available, mm = TILE_KERNELS[request.param]
+    if not getattr(kernels, available)():
+        pytest.skip(f"this CPU (or kernel) does not run {mm}")
+    return getattr(kernels, mm)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 8, 9, 16, 17, 40])  # part of a block, one, one and a row, several
+def test_tile_kernels_give_the_avx2_kernels_bits(kernels, tiles, rows):
+    """q8act_amx_mm and q8act_zmm_mm sum the same integer products per group and fold them into fp32 in the
+    same order as int4_q8act_mm / int8_q8act_mm: bit for bit the same outputs, for any number of rows (the
+    AMX tiles take 16, the AVX-512 loops 8 at a time) and an odd number of 16-column output tiles (48
+    outputs: a pair and a single)."""
     torch.manual_seed(rows)
     w, x = torch.randn(48, 96), torch.randn(rows, 96) * 3
     x[0, 32:64] = 0.0  # an all-zero group
+    w[1, :40] = -w[1, :40].abs()  # int8 codes of -127 in a row (the AVX-512 loops shift x by 128)
     q4, q8 = quantize_int4(w), quantize_int8(w)
-    assert torch.equal(amx.q8act_amx_mm(x, *pack_tiles_int4(q4)), amx.int4_q8act_mm(x, *pack_rows8_int4(q4)))
-    assert torch.equal(amx.q8act_amx_mm(x, *pack_tiles_int8(q8)), amx.int8_q8act_mm(x, *pack_rows8_int8(q8)))
+    assert torch.equal(tiles(x, *pack_tiles_int4(q4)), kernels.int4_q8act_mm(x, *pack_rows8_int4(q4)))
+    assert torch.equal(tiles(x, *pack_tiles_int8(q8)), kernels.int8_q8act_mm(x, *pack_rows8_int8(q8)))
 
 
-def test_amx_kernel_checks_its_layout(amx):
+def test_tile_kernels_check_their_layout(tiles):
     """Codes that are not in the tile layout, or scales of the wrong size, are refused, not misread."""
     w, x = torch.randn(32, 64), torch.randn(2, 64)
     codes, scale, zero = pack_tiles_int4(quantize_int4(w))
     with pytest.raises(RuntimeError, match="codes"):
-        amx.q8act_amx_mm(x, codes.view(2, 2, 256), scale, zero)
+        tiles(x, codes.view(2, 2, 256), scale, zero)
     with pytest.raises(RuntimeError, match="codes"):  # int8 codes with an int4 zero: not int4's layout
-        amx.q8act_amx_mm(x, pack_tiles_int8(quantize_int8(w))[0], scale, zero)
+        tiles(x, pack_tiles_int8(quantize_int8(w))[0], scale, zero)
     with pytest.raises(RuntimeError, match="scale"):
-        amx.q8act_amx_mm(x, codes, scale[:1], zero)
+        tiles(x, codes, scale[:1], zero)
     with pytest.raises(RuntimeError, match="K a multiple of 32"):
-        amx.q8act_amx_mm(torch.randn(2, 48), codes, scale, zero)
+        tiles(torch.randn(2, 48), codes, scale, zero)
 
 
-def test_the_tuner_offers_amx_exactly_where_it_runs(kernels):
-    """The AMX candidates are offered for tile-shaped fp32 weights on a CPU that runs them, and only there."""
-    w = torch.randn(64, 96)
-    for mode, name in (("int4", "int4-q8act-amx-f32"), ("int8", "int8-q8act-amx-f32")):
-        assert (name in lin.candidates(mode, w, kernels)) == kernels.amx_available()
+@pytest.mark.parametrize("kind", sorted(TILE_KERNELS))
+def test_the_tuner_offers_tile_kernels_exactly_where_they_run(kernels, kind):
+    """The AMX and AVX-512 candidates are offered for tile-shaped fp32 weights on a CPU that runs them, and
+    only there."""
+    w, available = torch.randn(64, 96), getattr(kernels, TILE_KERNELS[kind][0])()
+    for mode in ("int4", "int8"):
+        name = f"{mode}-q8act-{kind}-f32"
+        assert (name in lin.candidates(mode, w, kernels)) == available
         assert name not in lin.candidates(mode, torch.randn(40, 96), kernels)  # 40 outputs: not whole tiles
         assert name not in lin.candidates(mode, w)  # no compiled module
 
