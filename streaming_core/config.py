@@ -65,8 +65,9 @@ class EngineConfig:
     dtype: str = "auto"
     """'auto' is bf16 on CUDA and fp32 on CPU; or one of float32, bfloat16, float16."""
     kv_dtype: str = "auto"
-    """KV pool storage: 'auto' (the dtype above) or one of float32, bfloat16, float16; attention still
-    computes in the activations' dtype, so bf16 KV halves the bytes read and offloaded, at bf16 rounding."""
+    """KV pool storage: 'auto' or one of float32, bfloat16, float16; attention still computes in the
+    activations' dtype, so bf16 KV halves the bytes read and offloaded, at bf16 rounding. 'auto' is bf16 for
+    quantized weights on the CPU and the dtype above otherwise (`DecoderModel.default_kv_dtype`)."""
     weights: str = "auto"
     """Matmul weight precision: 'dense' (the dtype above, exact), 'int8' (per-channel weight-only),
     'int4' (per group of 32, the GGUF Q4 block; the LM head at int8), or 'auto' (on CPU int4 for a GGUF whose

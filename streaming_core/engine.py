@@ -58,7 +58,7 @@ class Engine:
         None: no disk tier."""
         config.cache.check_context(model.max_context)
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        kv_dtype = None if config.kv_dtype == "auto" else getattr(torch, config.kv_dtype)
+        kv_dtype = model.default_kv_dtype() if config.kv_dtype == "auto" else getattr(torch, config.kv_dtype)
         self.pool = KVPool(config.cache, model.kv_shape, model.lm_head.dtype, model.lm_head.device, kv_dtype)
         self.tiers = KVTiers(self.pool, kv_dir)
         self.runner = ModelRunner(model, self.pool, self.tiers)

@@ -146,8 +146,10 @@ def evaluate(
     chunk: int = 1,
     progress: bool = True,
     recompute_chunk: int | None = None,
+    kv_dtype: torch.dtype | None = None,
 ) -> dict[str, PplResult]:
-    """Perplexity of `tokens` under each mode; the caches are checked before anything runs."""
+    """Perplexity of `tokens` under each mode; the caches are checked before anything runs. `kv_dtype`: the
+    KV pools' storage (None: the engine's default for this model, `DecoderModel.default_kv_dtype`)."""
     recompute_chunk = recompute_chunk or chunk
     if len(tokens) < 2:
         raise ValueError("need at least 2 tokens to score")
@@ -155,9 +157,10 @@ def evaluate(
         raise ValueError(f"chunks must be >= 1, got {chunk} and {recompute_chunk}")
     caches = {m: mode_cache(m, sinks, window, len(tokens), model.max_context) for m in modes}
     dtype, device = model.lm_head.dtype, model.lm_head.device
+    kv_dtype = kv_dtype or model.default_kv_dtype()
     results: dict[str, PplResult] = {}
     for mode, cache in caches.items():
-        runner = ModelRunner(model, KVPool(cache, model.kv_shape, dtype, device))
+        runner = ModelRunner(model, KVPool(cache, model.kv_shape, dtype, device, kv_dtype))
         start = time.perf_counter()
         with tqdm(
             total=len(tokens) - 1, desc=f"{mode:>9}", unit="tok", disable=not progress, leave=True
@@ -221,6 +224,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         help="write a PNG of log-perplexity (or, with --bucket, bucket PPL) against position",
     )
+    p.add_argument(
+        "--kv-dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="KV pool storage (engine.kv_dtype; auto: the engine's default for the model and weights)",
+    )
     p.add_argument("--no-progress", action="store_true")
     add_model_args(p)
     p.set_defaults(func=run)
@@ -235,7 +244,15 @@ def run(args: argparse.Namespace) -> int:
     tokens = encode_prefix(loaded.tokenizer, text, args.max_tokens)
     rchunk = args.recompute_chunk or args.chunk
     results = evaluate(
-        loaded.model, tokens, modes, args.sinks, args.window, args.chunk, not args.no_progress, rchunk
+        loaded.model,
+        tokens,
+        modes,
+        args.sinks,
+        args.window,
+        args.chunk,
+        not args.no_progress,
+        rchunk,
+        None if args.kv_dtype == "auto" else getattr(torch, args.kv_dtype),
     )
     names = "+".join(path.stem for path in args.text)
     title = f"{loaded.name}: {names}, {len(tokens)} tokens, sinks {args.sinks}, window {args.window}, chunk {args.chunk}"

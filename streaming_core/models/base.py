@@ -93,6 +93,16 @@ class DecoderModel:
             self.fused = compiled
         return self.kernels
 
+    def default_kv_dtype(self) -> torch.dtype:
+        """The KV pool's dtype under kv_dtype 'auto': bf16 for fp32 activations on the CPU with quantized
+        weights (their outputs are rounded already; bf16 halves the KV bytes every step reads, as well as
+        what a session holds and offloads), else the activations' dtype (dense fp32 stays exact)."""
+        dtype = self.lm_head.dtype
+        quantized = self.kernels is not None and self.kernels.mode != "dense"
+        if dtype == torch.float32 and self.lm_head.device.type == "cpu" and quantized:
+            return torch.bfloat16
+        return dtype
+
     has_fused_decode = False
     """Whether `layer_forward` runs on the fused CPU kernels when a step offers them (StepContext.fused)."""
     fused: ModuleType | None = None

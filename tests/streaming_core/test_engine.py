@@ -279,3 +279,23 @@ def test_stop_token_flushes_held_back_text(model):
     events = list(h.stream)
     assert events[-1].finish_reason == "stop"
     assert "".join(e.text for e in events) == "".join(f" w{t}" for t in free[:3])  # the stop id adds no text
+
+
+@pytest.mark.parametrize(
+    ("weights", "kv_dtype", "want"),
+    [
+        ("int4", "auto", torch.bfloat16),  # quantized weights on the CPU: bf16 KV by default
+        ("int8", "auto", torch.bfloat16),
+        ("dense", "auto", torch.float32),  # dense fp32 stays exact
+        ("int4", "float32", torch.float32),  # an explicit choice wins
+        (None, "auto", torch.float32),  # raw checkpoint weights
+    ],
+)
+def test_kv_pool_dtype_follows_the_weights(weights, kv_dtype, want):
+    model = wrap(tiny_llama())
+    if weights is not None:
+        model.prepare(weights)
+    config = EngineConfig(cache=CacheConfig(S, W, 2, 16), kv_dtype=kv_dtype)
+    engine = Engine(model, WordTokenizer(), config)
+    assert engine.pool.k.dtype == engine.pool.v.dtype == want
+    assert generate(engine, "s", prompt(40, 1))  # it decodes past a full window with that pool

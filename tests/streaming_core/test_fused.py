@@ -67,6 +67,7 @@ def _token(slot: int, t: int) -> int:
         ("dense", torch.bfloat16, 2e-3),  # a key 1 fp32 ulp off may round to the other bf16 neighbour
         ("int8", torch.float32, 1e-3),
         ("int4", torch.float32, 1e-3),
+        ("int4", torch.bfloat16, 3e-3),  # the engine's default on the CPU (DecoderModel.default_kv_dtype)
     ],
 )
 def test_fused_decode_equals_eager(kernels, weights, kv_dtype, tol):
