@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI
 
-from streaming_core.engine import Engine
+from streaming_core.engine_api import EngineAPI
 
 from .body_limit import BodyLimit
 from .deps import get_owner
@@ -20,7 +20,7 @@ from .routes import chat, completions, conversations, models, ops, responses, se
 from .settings import Settings
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, engine: EngineAPI | None = None) -> FastAPI:
     """An app serving `settings` (default: from the environment); `engine` skips loading a model.
 
     The app owns the engine loop either way: it starts it when ready and stops it on shutdown.

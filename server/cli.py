@@ -17,6 +17,7 @@ SERVER_COMMANDS: list[str] = [
     "server.client.bench_multiturn",
     "server.client.bench_endless",
     "server.client.bench_serve",
+    "server.client.bench_http",
     "server.client.bench_sessions",
     "server.client.soak.command",
 ]

@@ -6,6 +6,8 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from streaming_core.engine_process import RESTARTING
+
 from .conversation.store import ANONYMOUS, owner_id
 from .conversation.threads import ThreadStore
 from .errors import APIError
@@ -29,6 +31,8 @@ def get_serving(lifecycle: LifecycleDep) -> Serving:
         raise APIError(503, "the server is shutting down", code="shutting_down")
     if lifecycle.serving is None:
         raise APIError(503, "the server is starting (loading the model)", code="not_ready")
+    if not lifecycle.serving.engine.available:
+        raise APIError(503, "the engine process stopped and is restarting; retry shortly", code=RESTARTING)
     return lifecycle.serving
 
 

@@ -21,7 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from streaming_core.engine import Engine
+from streaming_core.engine_api import EngineAPI
+from streaming_core.engine_process import EngineProcess
 from streaming_core.loader import build_engine, default_data_dir
 
 from .conversation.identity import model_identity
@@ -76,7 +77,7 @@ async def in_passing_thread(fn: Callable[..., Any], *args: Any) -> Any:
 class Lifecycle:
     """The app's state machine: starting -> ready -> draining -> stopped (or failed at startup)."""
 
-    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+    def __init__(self, settings: Settings, engine: EngineAPI | None = None) -> None:
         self.settings = settings
         self._given_engine = engine
         self.owners = frozenset(owner_id(k) for k in settings.api_key_list())
@@ -110,8 +111,11 @@ class Lifecycle:
     async def _start(self) -> None:
         try:
             settings = self.settings
-            engine = self._given_engine
-            if engine is None:
+            engine: EngineAPI | None = self._given_engine
+            if engine is None and settings.server.engine_process:
+                child = EngineProcess(build_engine, settings.engine, settings.data_dir, kv_tier_dir(settings))
+                engine = await asyncio.to_thread(child.launch, asyncio.get_running_loop())
+            elif engine is None:
                 engine = await in_passing_thread(
                     build_engine, settings.engine, settings.data_dir, kv_tier_dir(settings)
                 )
@@ -214,7 +218,7 @@ class Lifecycle:
         if engine is not None:
             await asyncio.to_thread(engine.stop)
             if self._given_engine is None:  # its sessions end with it, and so do their disk KV files
-                await asyncio.to_thread(engine.tiers.close)
+                await asyncio.to_thread(engine.close)
         if self._replicas is not None:
             await self._replicas.stop()
         if self._redis is not None:

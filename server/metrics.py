@@ -2,7 +2,7 @@
 
 Request timings (TTFT, inter-token latency, end to end) are measured where the client sees them, in the
 request's own coroutine; engine state (queues, KV slot use, offloads, token counts) is sampled by the
-engine's `on_step` hook on its loop thread, KV tiers included (`Engine.tier_counts`).
+engine's `on_step` hook on its loop thread, KV tiers included (`StepStats.tiers`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from streaming_core.engine import Engine
-from streaming_core.scheduler import Scheduled
+from streaming_core.engine import StepStats
+from streaming_core.engine_api import EngineAPI
+from streaming_core.kv_tiers import TierCounts
 
 _LATENCY = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
 _E2E = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0)
@@ -142,32 +143,29 @@ class Metrics:
         for kind in ("write", "read"):
             self.tier_errors.labels(model_name, kind)
 
-    def on_step(self, engine: Engine, work: list[Scheduled]) -> None:
-        """Engine hook (loop thread): queue sizes, slot use and token counts after each step."""
-        s, name = engine.scheduler, self.model_name
-        self.running.labels(name).set(len(s.running))
-        self.waiting.labels(name).set(len(s.waiting))
-        slots = s.cache.num_slots
-        self.slots.labels(name).set((slots - len(s.free_slots)) / slots)
-        self.sessions.labels(name).set(len(s.sessions))
-        if s.offloads > self._offloads_seen:
-            self.offloads.labels(name).inc(s.offloads - self._offloads_seen)
-            self._offloads_seen = s.offloads
-        prefilled = sum(len(w.tokens) for w in work if not w.decode)
-        generated = sum(1 for w in work if w.sample and w.request.params is not None)
-        self.prompt_tokens.labels(name).inc(prefilled)
-        self.generation_tokens.labels(name).inc(generated)
-        self._tiers(engine)
+    def on_step(self, step: StepStats) -> None:
+        """Engine hook (its loop thread): queue sizes, slot use, token counts and tiers after each step."""
+        name = self.model_name
+        self.running.labels(name).set(step.running)
+        self.waiting.labels(name).set(step.waiting)
+        self.slots.labels(name).set(step.busy_slots / step.num_slots)
+        self.sessions.labels(name).set(step.sessions)
+        if step.offloads > self._offloads_seen:
+            self.offloads.labels(name).inc(step.offloads - self._offloads_seen)
+            self._offloads_seen = step.offloads
+        self.prompt_tokens.labels(name).inc(step.prefilled)
+        self.generation_tokens.labels(name).inc(step.generated)
+        self._tiers(step.tiers)
 
-    async def sample_tiers(self, engine: Engine) -> None:
+    async def sample_tiers(self, engine: EngineAPI) -> None:
         """Tiers change between steps too (a copy finishing on the worker): sample them on every scrape,
-        on the loop thread, which owns the sessions."""
+        between steps, where the engine owns the sessions."""
         with contextlib.suppress(Exception):  # a stopped or failing engine leaves the last values
-            await asyncio.wrap_future(engine.call(lambda: self._tiers(engine)))
+            self._tiers(await asyncio.wrap_future(engine.read_tier_counts()))
 
-    def _tiers(self, engine: Engine) -> None:
+    def _tiers(self, c: TierCounts) -> None:
         """Tier gauges as they are now; the engine's monotonic tier counters as Prometheus counters."""
-        c, name = engine.tier_counts(), self.model_name
+        name = self.model_name
         for tier, n, size in (
             ("slot", c.slot_sessions, c.slot_bytes),
             ("host", c.host_sessions, c.host_bytes),

@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
-from streaming_core.engine import Engine
+from streaming_core.engine_api import EngineAPI
 from streaming_core.loader import DEFAULT_GGUF
 
 from .conversation.manager import ConversationManager
@@ -43,7 +43,7 @@ class Serving:
     """What requests use once the server is ready."""
 
     settings: Settings
-    engine: Engine
+    engine: EngineAPI
     manager: ConversationManager
     metrics: Metrics
     model_name: str

@@ -52,6 +52,11 @@ class ServerLimits(BaseModel):
     conversation_max_items: int = Field(default=1000, ge=2)
     """Items a conversation or response chain keeps in Redis, and responses it keeps retrievable; past it
     the oldest are dropped (the KV session, bounded by sinks + window, is not affected)."""
+    engine_process: bool = False
+    """Run the engine in a process of its own (`streaming_core/engine_process.py`): a crash or an OOM kill of
+    the engine leaves the server up (503 engine_restarting until a new engine process is loaded, sessions
+    rebuilt from Redis). Off by default: one HTTP stream measured 84% of the engine's rate that way against
+    89% with the engine as a thread of the server (docs/perf-notes.md, ninth pass)."""
     replica_lease_seconds: float = Field(default=15.0, gt=0.1)
     """Lifetime of this replica's lease and session claims in Redis, renewed every third of it: a dead
     replica's sessions are free for another within this time."""

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from fastapi import Request
 
 from streaming_core.engine import Handle
+from streaming_core.engine_process import RESTARTING
 from streaming_core.sampler import SamplingParams
 from streaming_core.session import TokenEvent
 
@@ -32,6 +33,7 @@ _WATCH_S = 0.05
 _REFUSALS = {
     "session_busy": (409, "the session already has a request in progress"),
     "queue_full": (429, "too many requests are waiting; retry later"),
+    RESTARTING: (503, "the engine process stopped and is restarting; retry shortly"),
 }
 
 

@@ -37,6 +37,45 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex[:16]}"
+
+
+def check_turn(
+    tokens: list[int], sink_tokens: int | None, rebuild: Rebuild | None, capacity: int, vocab_size: int
+) -> None:
+    """What `submit` refuses at once (ValueError): an empty turn, a sink count the slot cannot hold, and
+    ids the model cannot embed (e.g. a session record written under another model's vocabulary)."""
+    if not tokens:
+        raise ValueError("a turn needs at least one new token")
+    if sink_tokens is not None and not 0 <= sink_tokens < capacity:
+        raise ValueError(f"sink_tokens must be in [0, {capacity - 1}], got {sink_tokens}")
+    for toks in (tokens, *((rebuild.sinks, rebuild.tail) if rebuild else ())):
+        bad = next((t for t in toks if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token ids must be in [0, {vocab_size}) for this model, got {bad}")
+
+
+@dataclass
+class StepStats:
+    """One step and the engine after it: the `on_step` hook's argument (plain numbers, so that an engine in
+    another process can send it along with the step's events)."""
+
+    rows: int
+    decode_only: bool
+    """Every row was a decode row (no prefill chunk in the step)."""
+    prefilled: int
+    generated: int
+    running: int
+    waiting: int
+    busy_slots: int
+    num_slots: int
+    sessions: int
+    offloads: int
+    """Slots given up so far (monotonic)."""
+    tiers: TierCounts
+
+
 @dataclass(frozen=True)
 class Handle:
     """What `submit` returns: the request id (for `abort`) and its event stream."""
@@ -66,9 +105,9 @@ class Engine:
         self.scheduler.fetch = self.tiers.claim
         self.eos = set(eos_token_ids)
         self.requests: dict[str, Request] = {}
-        self.loop = EngineLoop(lambda: self.scheduler.has_work, self._safe_step, self._abort_all)
+        self.loop = EngineLoop(lambda: self.scheduler.has_work, self.safe_step, self._abort_all)
         self.steps = 0
-        self.on_step: Callable[[Engine, list[Scheduled]], None] | None = None
+        self.on_step: Callable[[StepStats], None] | None = None
         """Hook for metrics, called on the loop thread after every step."""
 
     # -- public API (any thread) -------------------------------------------------------------------
@@ -80,6 +119,8 @@ class Engine:
         loop: asyncio.AbstractEventLoop | None = None,
         rebuild: Rebuild | None = None,
         sink_tokens: int | None = None,
+        request_id: str | None = None,
+        stream: RequestStream | None = None,
     ) -> Handle:
         """Queue a turn: prefill `tokens` into the session, then generate under `params` (None: prefill only).
 
@@ -88,15 +129,11 @@ class Engine:
         `rebuild` recreates a session whose KV is gone (another process, a restart) from its sinks and
         tail before the turn's tokens; a session the engine still holds ignores it. `sink_tokens` sets a
         new session's sink count (a pinned system prompt), taken from the window; ignored afterwards.
+        `request_id` and `stream` are chosen by the caller only when it relays the turn (engine_process.py).
         """
-        if not tokens:
-            raise ValueError("a turn needs at least one new token")
-        cap = self.config.cache.capacity
-        if sink_tokens is not None and not 0 <= sink_tokens < cap:
-            raise ValueError(f"sink_tokens must be in [0, {cap - 1}], got {sink_tokens}")
-        self._check_vocab(tokens, *((rebuild.sinks, rebuild.tail) if rebuild else ()))
-        stream = RequestStream(loop)
-        request_id = f"req-{uuid.uuid4().hex[:16]}"
+        check_turn(tokens, sink_tokens, rebuild, self.config.cache.capacity, self.model.vocab_size)
+        stream = stream or RequestStream(loop)
+        request_id = request_id or new_request_id()
         detok = None if params is None else IncrementalDetokenizer(self.tokenizer, params.stop)
 
         def add() -> None:
@@ -129,14 +166,6 @@ class Engine:
         self.call(add)
         return Handle(request_id, stream)
 
-    def _check_vocab(self, *token_lists: list[int]) -> None:
-        """Refuse ids the model cannot embed, e.g. a session record written under another model's vocabulary."""
-        v = self.model.vocab_size
-        for toks in token_lists:
-            bad = next((t for t in toks if not 0 <= t < v), None)
-            if bad is not None:
-                raise ValueError(f"token ids must be in [0, {v}) for this model, got {bad}")
-
     def abort(self, request_id: str) -> None:
         """Cancel a request (client gone); it ends within one step and its session keeps what was consumed."""
 
@@ -150,6 +179,15 @@ class Engine:
     def call(self, fn: Callable[[], T]) -> Future[T]:
         """Run `fn` on the loop thread between steps (inline when no loop thread runs)."""
         return self.loop.call(fn)
+
+    def read_tier_counts(self) -> Future[TierCounts]:
+        """`tier_counts` as the loop thread sees it between steps."""
+        return self.call(self.tier_counts)
+
+    def holds(self, session_ids: list[str]) -> Future[dict[str, bool]]:
+        """Which of the sessions the engine holds (in any tier)."""
+        sessions = self.scheduler.sessions
+        return self.call(lambda: {sid: sid in sessions for sid in session_ids})
 
     def stats(self, session_id: str) -> SessionStats | None:
         return self.call(lambda: self._stats(session_id)).result()
@@ -219,6 +257,11 @@ class Engine:
     def running(self) -> bool:
         return self.loop.running
 
+    @property
+    def available(self) -> bool:
+        """Takes turns (until `stop`)."""
+        return not self.loop.stopping
+
     def start(self) -> None:
         self.loop.start()
 
@@ -227,11 +270,16 @@ class Engine:
         are run (a submit is refused with 'abort'), and later calls run inline."""
         self.loop.stop(timeout)
 
+    def close(self) -> None:
+        """After `stop`: the disk tier's files go (no session outlives the engine)."""
+        self.tiers.close()
+
     def _abort_all(self) -> None:
         for req in list(self.requests.values()):
             self._finish(req, "abort")
 
-    def _safe_step(self) -> None:
+    def safe_step(self) -> None:
+        """One step; a failure ends the running requests with an error instead of raising."""
         try:
             self.step()
         except Exception as e:  # a failed step must not kill the loop: fail its requests instead
@@ -303,7 +351,23 @@ class Engine:
                 self._emit(req, tok.token, tok.logprob, tok.top_logprobs)
         self.steps += 1
         if self.on_step is not None:
-            self.on_step(self, work)
+            self.on_step(self.step_stats(work))
+
+    def step_stats(self, work: list[Scheduled]) -> StepStats:
+        s = self.scheduler
+        return StepStats(
+            rows=len(work),
+            decode_only=all(w.decode for w in work),
+            prefilled=sum(len(w.tokens) for w in work if not w.decode),
+            generated=sum(1 for w in work if w.sample and w.request.params is not None),
+            running=len(s.running),
+            waiting=len(s.waiting),
+            busy_slots=s.cache.num_slots - len(s.free_slots),
+            num_slots=s.cache.num_slots,
+            sessions=len(s.sessions),
+            offloads=s.offloads,
+            tiers=self.tier_counts(),
+        )
 
     def _emit(self, req: Request, token: int, logprob: float | None, top: list[tuple[int, float]]) -> None:
         params, detok = req.params, req.detok

@@ -131,6 +131,16 @@ class RequestStream:
         else:
             self._sync.put(event)
 
+    def put_from_loop(self, event: TokenEvent) -> None:
+        """`put` from a callback already running on the reader's event loop (no thread-safe wake-up)."""
+        if self._async is None or self._loop is None:
+            self.put(event)
+            return
+        if event.finish_reason is not None:
+            self.done.set()
+        if not self._loop.is_closed():
+            self._async.put_nowait(event)
+
     def __iter__(self) -> Iterator[TokenEvent]:
         while True:
             event = self._sync.get()

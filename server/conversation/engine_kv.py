@@ -8,7 +8,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 
-from streaming_core.engine import Engine
+from streaming_core.engine_api import EngineAPI
 
 from .plan import TurnPlan
 
@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 _CLOSE_WAIT_S = 5.0
 
 
-async def untouched(engine: Engine, plan: TurnPlan) -> bool:
+async def untouched(engine: EngineAPI, plan: TurnPlan) -> bool:
     """The engine still holds the session exactly as committed (the turn was refused before it
     consumed anything, e.g. queue_full): keep it rather than force a rebuild."""
     assert plan.session_id is not None
@@ -27,7 +27,7 @@ async def untouched(engine: Engine, plan: TurnPlan) -> bool:
     return stats is not None and not stats.busy and stats.tokens_seen == record.tokens_seen
 
 
-async def close(engine: Engine, session_id: str, request_id: str | None) -> None:
+async def close(engine: EngineAPI, session_id: str, request_id: str | None) -> None:
     """Close the engine session once its request (aborted here if still running) has ended."""
     deadline = asyncio.get_running_loop().time() + _CLOSE_WAIT_S
     while not await asyncio.to_thread(engine.close_session, session_id):
@@ -42,7 +42,7 @@ async def close(engine: Engine, session_id: str, request_id: str | None) -> None
         await asyncio.sleep(0.02)
 
 
-async def drop_last(engine: Engine, session_id: str, n: int) -> None:
+async def drop_last(engine: EngineAPI, session_id: str, n: int) -> None:
     """Drop the KV's last n tokens: cheaply if the engine can truncate, else by closing the session
     (the next turn rebuilds it from the trimmed record)."""
     truncate = getattr(engine, "truncate", None)
@@ -51,10 +51,9 @@ async def drop_last(engine: Engine, session_id: str, n: int) -> None:
     await asyncio.to_thread(engine.close_session, session_id)
 
 
-async def resident(engine: Engine, session_ids: Sequence[str]) -> dict[str, bool]:
+async def resident(engine: EngineAPI, session_ids: Sequence[str]) -> dict[str, bool]:
     """Which of the sessions the engine holds (False for all if its loop cannot answer)."""
-    sessions = engine.scheduler.sessions
-    future = engine.call(lambda: {sid: sid in sessions for sid in session_ids})
+    future = engine.holds(list(session_ids))
     with contextlib.suppress(Exception):
         return await asyncio.wrap_future(future)
     return dict.fromkeys(session_ids, False)

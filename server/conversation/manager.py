@@ -55,7 +55,8 @@ import socket
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from streaming_core.engine import Engine, Handle
+from streaming_core.engine import Handle
+from streaming_core.engine_api import EngineAPI
 from streaming_core.sampler import SamplingParams
 
 from . import engine_kv
@@ -89,7 +90,7 @@ def default_replica_id() -> str:
 class ConversationManager:
     def __init__(
         self,
-        engine: Engine,
+        engine: EngineAPI,
         tokenizer: Any,
         store: SessionStore,
         *,

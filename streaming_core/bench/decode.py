@@ -17,10 +17,9 @@ from tqdm import tqdm
 
 from ..cli import add_model_args
 from ..config import CacheConfig, EngineConfig
-from ..engine import Engine
+from ..engine import Engine, StepStats
 from ..report import new_figure, print_json, print_table, save_figure
 from ..sampler import SamplingParams
-from ..scheduler import Scheduled
 
 GROUP = "bench"
 
@@ -53,9 +52,9 @@ def bench_engine(loaded: Any, batch: int, args: argparse.Namespace) -> dict[str,
     times: list[float] = []
     last = [time.perf_counter()]
 
-    def on_step(_: Engine, work: list[Scheduled]) -> None:
+    def on_step(step: StepStats) -> None:
         now = time.perf_counter()
-        if work and all(w.decode for w in work) and len(work) == batch:
+        if step.decode_only and step.rows == batch:
             times.append(now - last[0])
         last[0] = now
 

@@ -1,17 +1,19 @@
-"""Real `streamllm serve` processes: a SIGKILL'd server's sessions go on after a restart, and the client
-commands (chat, bench multiturn, bench serve) work against a live server."""
+"""Real `streamllm serve` processes: a SIGKILL'd server's sessions go on after a restart, so do those of a
+SIGKILL'd engine process (engine_process on), and the client commands (chat, bench multiturn, bench serve) work against a live server."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import os
 import signal
 import threading
 import time
 import uuid
 from argparse import Namespace
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -64,17 +66,24 @@ def stream_lines(url: str, session: str, max_tokens: int, started: threading.Eve
                 started.set()
 
 
+def two_turns_then_a_long_stream(url: str, session: str) -> tuple[dict, threading.Thread, list[str]]:
+    """Two committed turns, then a third streaming (4000 tokens) once its first events are in: the session
+    record before the third, the streaming thread, and the SSE lines it reads."""
+    turn(url, session, "Tell me about the moon.")
+    turn(url, session, "And about the sun?")
+    before = httpx.get(f"{url}/v1/sessions/{session}").json()
+    started, lines = threading.Event(), []
+    stream = threading.Thread(target=stream_lines, args=(url, session, 4000, started, lines), daemon=True)
+    stream.start()
+    assert started.wait(60)
+    return before, stream, lines
+
+
 def test_sigkilled_server_sessions_continue_after_restart(tmp_path, redis_url):
     session = f"survivor-{uuid.uuid4().hex[:6]}"
     proc, url = start_server(tmp_path, redis_url)
     try:
-        turn(url, session, "Tell me about the moon.")
-        turn(url, session, "And about the sun?")
-        before = httpx.get(f"{url}/v1/sessions/{session}").json()
-        started, lines = threading.Event(), []
-        stream = threading.Thread(target=stream_lines, args=(url, session, 4000, started, lines), daemon=True)
-        stream.start()
-        assert started.wait(60)
+        before, stream, _lines = two_turns_then_a_long_stream(url, session)
     finally:
         proc.send_signal(signal.SIGKILL)  # in the middle of a third turn's stream
         proc.wait(30)
@@ -93,6 +102,54 @@ def test_sigkilled_server_sessions_continue_after_restart(tmp_path, redis_url):
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def engine_child(pid: int) -> int:
+    """The engine process a server with engine_process on started (not multiprocessing's resource tracker)."""
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and "spawn_main" in cmdline:
+                return int(entry.name)
+    raise AssertionError(f"process {pid} has no engine process")
+
+
+def test_killed_engine_process_is_replaced_and_its_sessions_go_on(tmp_path, redis_url):
+    """With the engine in a process of its own, SIGKILL that process mid-stream: the stream ends with an
+    error event (engine_restarting) and [DONE], the server stays up, says 503 until a new engine process
+    is loaded, and the session goes on from its committed record."""
+    session = f"isolated-{uuid.uuid4().hex[:6]}"
+    proc, url = start_server(tmp_path, redis_url, STREAMLLM_SERVER__ENGINE_PROCESS="true")
+    try:
+        before, stream, lines = two_turns_then_a_long_stream(url, session)
+        os.kill(engine_child(proc.pid), signal.SIGKILL)
+        stream.join(60)
+        events = sse_events(lines)
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "engine_restarting"
+        statuses = []
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            r = httpx.get(f"{url}/health", timeout=10)
+            statuses.append(r.status_code)
+            if r.status_code == 200:
+                break
+            assert r.json()["error"]["code"] == "engine_restarting"
+            time.sleep(0.2)
+        assert statuses[-1] == 200 and 503 in statuses
+        assert proc.poll() is None  # the server itself never went down
+        after = httpx.get(f"{url}/v1/sessions/{session}").json()
+        assert after["turns"] == 2 and after["tokens_seen"] == before["tokens_seen"]
+        assert after["resident"] is False  # its KV died with the engine process
+        reply = turn(url, session, "Which one is bigger?")
+        assert reply["usage"]["prompt_tokens"] > before["tokens_seen"]  # rebuilt from the record
+        now = httpx.get(f"{url}/v1/sessions/{session}").json()
+        assert now["turns"] == 3 and now["resident"] is True
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    log = next(tmp_path.glob(f"serve-{url.rsplit(':', 1)[1]}.log")).read_text()
+    assert "the engine process exited" in log and "restarting it" in log
 
 
 def test_sigterm_finishes_or_ends_streams_commits_and_exits(tmp_path, redis_url):
@@ -195,3 +252,18 @@ def test_bench_multiturn_and_serve_against_a_live_server(live, capsys, tmp_path)
     )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(result) == {"1", "2"} and all(r["tok_per_s"] > 0 for r in result.values())
+
+
+def test_bench_http_overhead_alternates_the_engine_and_both_server_modes(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("STREAMLLM_ENGINE__CACHE__NUM_SLOTS", "2")
+    plot = tmp_path / "http.png"
+    argv = ["bench", "http-overhead", "--rounds", "2", "--tokens", "12", "--json", "--plot", str(plot)]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"engine", "thread", "process"} <= set(result) and result["tokens"] == 12
+    assert result["engine"]["share_of_engine"] == 1.0
+    for mode in ("engine", "thread", "process"):
+        rounds = result[mode]["rounds"]
+        assert len(rounds) == 2 and all(0 < ms < 1000 for ms in rounds)
+        assert result[mode]["ms_p50"] == pytest.approx(sorted(rounds)[0] / 2 + sorted(rounds)[1] / 2)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
