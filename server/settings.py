@@ -55,8 +55,9 @@ class ServerLimits(BaseModel):
     engine_process: bool = False
     """Run the engine in a process of its own (`streaming_core/engine_process.py`): a crash or an OOM kill of
     the engine leaves the server up (503 engine_restarting until a new engine process is loaded, sessions
-    rebuilt from Redis). Off by default: one HTTP stream measured 84% of the engine's rate that way against
-    89% with the engine as a thread of the server (docs/perf-notes.md, ninth pass)."""
+    rebuilt from Redis). Off by default: one HTTP stream measured 84% and 77% of the engine's rate that way
+    against 89% and 81% with the engine as a thread of the server, in two interleaved runs
+    (docs/perf-notes.md, ninth pass)."""
     replica_lease_seconds: float = Field(default=15.0, gt=0.1)
     """Lifetime of this replica's lease and session claims in Redis, renewed every third of it: a dead
     replica's sessions are free for another within this time."""
